@@ -1,0 +1,1 @@
+"""Manifests, samplers and DataModules."""

@@ -1,0 +1,33 @@
+"""Stage 1, ``align``: train the projector on text alone, validate zero-shot on real speech.
+
+TASU: the text becomes simulated CTC posteriors (CPS) over the encoder's CTC vocabulary.
+TESU-LLM: the text goes through the text tower of a unified encoder. Either way the LLM only ever
+sees ``projector(encode_text(text))`` in training and ``projector(encode_speech(audio))`` at test.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_modules.base import SpeechLLMModule
+from speechllm.config import StageConfig
+from speechllm.encoders.base import UnifiedEncoder
+
+
+class AlignModule(SpeechLLMModule):
+    def __init__(self, cfg: StageConfig):
+        super().__init__(cfg)
+        if not isinstance(self.model.encoder, UnifiedEncoder):
+            raise ValueError(
+                f"stage `align` trains from text, so it needs a unified encoder (encoder.kind ctc or "
+                f"dual_tower); encoder.kind={cfg.model.encoder.kind!r} has no text side"
+            )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # One generator per sample, seeded by its draw number: the simulated input of a sample
+        # does not depend on batch composition, ranks or resumes.
+        generators = [torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + s) for s in batch["seed"]]
+        feats, lengths = self.model.encoder.encode_text(batch["text"], generators)
+        out = self.model(feats, lengths, self.model.target_ids(batch["target"]))
+        self.log_step(out, batch_size=len(batch["text"]))
+        return out["loss"]

@@ -1,0 +1,1 @@
+"""Pure-PyTorch core of the speech-LLM pipeline (no Lightning imports here)."""

@@ -1,0 +1,276 @@
+"""Typed configuration: dataclass schemas merged with YAML files and ``key=value`` overrides.
+
+Every YAML is merged into a structured OmegaConf object, so an unknown or mistyped key fails at
+load time with the key *and the file* named (the failure mode of untyped Hydra configs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class CPSConfig:
+    """CTC posterior simulation (PAPERS.md §2.2); defaults are TASU's released code values."""
+
+    smoothing_max: float = 0.1  # label smoothing a ~ U(0, smoothing_max), one draw per utterance
+    keep_prob: float = 0.95  # each row kept independently with this probability
+    insert_prob: float = 0.0  # floor(L' * insert_prob) insertions (off by default, as in TASU)
+    insert_repeat_share: float = 0.5  # share of insertions that repeat the previous row (else blank)
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen speech encoder.
+
+    kind: ``ctc`` (CTC posteriors + LSD; text side = CPS), ``whisper`` (continuous real-length
+    Whisper states) or ``dual_tower`` (TESU-LLM style text + speech towers, SeamlessM4Tv2).
+    Either ``pretrained`` (Hub id or local path) or ``from_config`` (random weights, for tests).
+    """
+
+    kind: str = "ctc"
+    pretrained: Optional[str] = None
+    from_config: Optional[dict[str, Any]] = None
+    init_seed: int = 0  # makes from_config weights identical in every process and reload
+    # CTC path: an encoder + separately trained CTC head (e.g. a head on frozen Whisper states)
+    backbone: Optional[str] = None  # "whisper" when pretrained points at a Whisper model
+    ctc_head: Optional[str] = None  # path to a saved CTC head (see speechllm.encoders.ctc)
+    vocab: Optional[list[str]] = None  # CTC vocabulary for from_config models (index 0 = blank)
+    blank_id: Optional[int] = None  # default: the model's pad_token_id (wav2vec2, parakeet)
+    lsd: bool = True  # label-synchronous compression of the posteriors
+    lsd_blank_threshold: float = 0.9
+    cps: CPSConfig = field(default_factory=CPSConfig)
+    sample_rate: int = 16000
+
+
+@dataclass
+class ProjectorConfig:
+    """Encoder space -> LLM embedding space. Default: TASU's LayerNorm-Linear-SiLU-Linear."""
+
+    hidden_dim: int = 2048
+    stack_frames: int = 1  # frame stacking (downsampling k) before the MLP; 1 = none
+    layer_norm: bool = True
+    # Start each CTC unit's row from the LLM's embedding of the unit's string (CTC encoders only)
+    init_from_llm_embeddings: bool = False
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class LLMConfig:
+    pretrained: Optional[str] = None
+    gguf_file: Optional[str] = None
+    from_config: Optional[dict[str, Any]] = None
+    init_seed: int = 0
+    tokenizer: Optional[str] = None  # default: same as pretrained
+    # from_config models get a character tokenizer over this alphabet (tests only)
+    char_alphabet: str = " abcdefghijklmnopqrstuvwxyz'.,?!"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights of the frozen LLM)
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    freeze: bool = True
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    gradient_checkpointing: bool = False
+    attn_implementation: Optional[str] = None
+
+
+@dataclass
+class PromptConfig:
+    """How the speech is placed in the LLM input: ``{task_prompt}<speech>`` as the user turn."""
+
+    task_prompt: str = "Transcribe the audio:"
+    use_chat_template: bool = True
+    # None keeps the template's default (SmolLM2 then inserts its own ~20-token system prompt);
+    # "" passes an empty system turn where the template allows it.
+    system_prompt: Optional[str] = None
+    max_target_tokens: int = 128
+
+
+@dataclass
+class GenerationConfig:
+    num_beams: int = 1
+    max_new_tokens: int = 128
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # repetition guard; 0 = off
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+# --------------------------------------------------------------------------------------- stage
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # manifest (text-only lines are fine for `align`)
+    val: dict[str, str] = field(default_factory=dict)  # name -> speech manifest
+    batch_size: int = 8
+    val_batch_size: int = 8
+    val_max_samples: int = 0  # 0 = all
+    num_workers: int = 0
+    # TASU's target normalisation: keep [A-Za-z\s.,!?'] and lowercase ("none" keeps the text)
+    target_normalization: str = "tasu"
+    max_audio_seconds: float = 30.0
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    lr: float = 5e-5  # projector / adapter
+    lr_llm: Optional[float] = None  # LoRA or LLM parameters; default = lr
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.0
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto = bf16-mixed where supported (CUDA with bf16), else 32-true
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    val_check_interval: int = 200  # steps
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+    keep_last_checkpoints: int = 1
+    num_threads: int = 0  # torch threads on CPU; 0 = all cores
+    log_text_samples: int = 4
+
+
+@dataclass
+class StageConfig:
+    """One stage of a pipeline, fully resolved (this is what lands in ``config.yaml``)."""
+
+    kind: str = "align"  # align | asr | distill | select
+    init_from: Optional[str] = None  # a previous stage's model/ directory, or stage name
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class PipelineStage:
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of StageConfig for this stage
+
+
+@dataclass
+class PipelineConfig:
+    """A pipeline YAML: shared settings for every stage, then the stages in order."""
+
+    name: str = ""
+    run_dir: str = "runs"
+    defaults: dict[str, Any] = field(default_factory=dict)  # StageConfig keys shared by all stages
+    include: list[str] = field(default_factory=list)  # YAML files merged into defaults, in order
+    stages: list[PipelineStage] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        raise ConfigError(f"{source}: invalid key {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml syntax errors carry line numbers; keep them
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_stage_config(
+    layers: list[tuple[str, Any]], overrides: list[str] | None = None
+) -> StageConfig:
+    """Merge (source name, dict or path) layers in order into the StageConfig schema."""
+    cfg = OmegaConf.structured(StageConfig)
+    for source, layer in layers:
+        data = load_yaml(layer) if isinstance(layer, (str, Path)) else layer
+        cfg = _merge(cfg, data, str(source))
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "command-line override")
+    return cfg  # a structured DictConfig: attribute access, typed
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    cfg = _merge(OmegaConf.structured(PipelineConfig), load_yaml(path), str(path))
+    if not cfg.name:
+        cfg.name = path.stem
+    names = [s.name for s in cfg.stages]
+    if not names or any(not n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"{path}: stages need unique, non-empty names (got {names})")
+    return cfg
+
+
+def stage_layers(pipeline_path: str | Path, pipeline: PipelineConfig, stage_name: str) -> list[tuple[str, Any]]:
+    """The layers of one stage: included files, pipeline defaults, then the stage's own block."""
+    root = Path(pipeline_path).parent
+    layers: list[tuple[str, Any]] = []
+    for inc in pipeline.include:
+        inc_path = Path(inc) if Path(inc).is_absolute() or Path(inc).exists() else root / inc
+        layers.append((str(inc_path), inc_path))
+    layers.append((f"{pipeline_path} (defaults)", OmegaConf.to_container(pipeline.defaults)))
+    stage = next(s for s in pipeline.stages if s.name == stage_name)
+    layers.append((f"{pipeline_path} (stage {stage_name})", OmegaConf.to_container(stage.config)))
+    return layers
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def plain(value: Any) -> Any:
+    """A config node as plain Python containers (transformers' strict configs reject ListConfig)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

@@ -1,0 +1,228 @@
+"""CTC-posterior encoder: TASU's interface between speech and text.
+
+Speech side: softmax posteriors of a frozen CTC model, compressed by LSD. Text side: CPS, i.e.
+simulated posteriors over the same CTC vocabulary. Both live in one space (distributions over the
+CTC units), so this is also TASU's *unified* encoder.
+
+The CTC model is either any transformers ``AutoModelForCTC`` (wav2vec2, HuBERT, Parakeet, ...) or
+a speech encoder plus a separately trained :class:`CTCHead` (e.g. a head on frozen Whisper states).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from speechllm.config import CPSConfig, EncoderConfig, plain
+from speechllm.cps import simulate_ctc_posteriors
+from speechllm.encoders.base import SpeechEncoder, UnifiedEncoder, pad_sequences
+from speechllm.lsd import label_synchronous_compress
+
+
+class CTCVocabulary:
+    """The CTC units, their strings, and text -> unit ids.
+
+    With a transformers tokenizer the tokenizer's own encoding is used; otherwise text is split by
+    greedy longest match over the unit strings (exact for character units, sensible for any
+    subword inventory that contains every character as a fallback).
+    """
+
+    def __init__(self, units: list[str], blank_id: int, tokenizer=None):
+        self.units = list(units)
+        self.blank_id = blank_id
+        self.tokenizer = tokenizer
+        self._index = {u: i for i, u in enumerate(self.units) if i != blank_id}
+        self._max_len = max((len(u) for u in self._index), default=1)
+        # Character vocabularies are often single-case (wav2vec2: upper; ours: lower).
+        letters = [u for u in self._index if u.isalpha()]
+        self.case = "upper" if letters and all(u.isupper() for u in letters) else (
+            "lower" if letters and all(u.islower() for u in letters) else None)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, blank_id: int, size: int) -> CTCVocabulary:
+        units = [""] * size
+        for token, idx in tokenizer.get_vocab().items():
+            if idx < size:
+                units[idx] = token
+        return cls(units, blank_id, tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        if self.case == "upper":
+            text = text.upper()
+        elif self.case == "lower":
+            text = text.lower()
+        if self.tokenizer is not None:
+            return [i for i in self.tokenizer(text, add_special_tokens=False).input_ids if i != self.blank_id]
+        ids, pos = [], 0
+        while pos < len(text):
+            for size in range(min(self._max_len, len(text) - pos), 0, -1):
+                unit = self._index.get(text[pos : pos + size])
+                if unit is not None:
+                    ids.append(unit)
+                    pos += size
+                    break
+            else:  # a character the vocabulary cannot spell: skip it
+                pos += 1
+        return ids
+
+    def unit_string(self, idx: int) -> str:
+        """The text a unit stands for (word delimiters of wav2vec2 / SentencePiece become spaces)."""
+        return self.units[idx].replace("|", " ").replace("\u2581", " ")
+
+    def greedy_decode(self, best_ids: list[int]) -> str:
+        """Collapse repeats, drop blanks, join the unit strings."""
+        out, prev = [], None
+        for i in best_ids:
+            if i != prev and i != self.blank_id:
+                out.append(self.unit_string(i))
+            prev = i
+        return " ".join("".join(out).split())
+
+
+class CTCHead(nn.Module):
+    """A CTC head over frozen encoder states: ``linear`` or a 1-layer ``bilstm`` + linear."""
+
+    def __init__(self, input_dim: int, vocab: list[str], blank_id: int = 0, kind: str = "linear", hidden: int = 256):
+        super().__init__()
+        self.meta = {"input_dim": input_dim, "vocab": list(vocab), "blank_id": blank_id, "kind": kind, "hidden": hidden}
+        if kind == "bilstm":
+            self.rnn = nn.LSTM(input_dim, hidden, batch_first=True, bidirectional=True)
+            self.out = nn.Linear(2 * hidden, len(vocab))
+        elif kind == "linear":
+            self.rnn = None
+            self.out = nn.Linear(input_dim, len(vocab))
+        else:
+            raise ValueError(f"unknown CTC head kind {kind!r} (linear | bilstm)")
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.rnn is not None:
+            packed = nn.utils.rnn.pack_padded_sequence(feats, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            feats, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=feats.shape[1])
+        return self.out(feats)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "head.safetensors"))
+        (directory / "head.json").write_text(json.dumps(self.meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CTCHead:
+        directory = Path(directory)
+        if not (directory / "head.json").is_file():
+            raise FileNotFoundError(f"no CTC head at {directory} (expected head.json + head.safetensors)")
+        head = cls(**json.loads((directory / "head.json").read_text()))
+        head.load_state_dict(load_file(str(directory / "head.safetensors")))
+        return head
+
+
+class CTCPosteriorEncoder(UnifiedEncoder):
+    """Frozen CTC model -> posteriors -> LSD; text -> CPS. ``output_dim`` = CTC vocabulary size."""
+
+    def __init__(self, vocab: CTCVocabulary, cfg: EncoderConfig, *, hf_model=None, feature_extractor=None,
+                 backbone: SpeechEncoder | None = None, head: CTCHead | None = None):
+        super().__init__()
+        if (hf_model is None) == (backbone is None):
+            raise ValueError("give either a transformers CTC model or a backbone + CTC head")
+        self.vocab = vocab
+        self.blank_id = vocab.blank_id
+        self.output_dim = len(vocab)
+        self.sample_rate = cfg.sample_rate
+        self.use_lsd = cfg.lsd
+        self.blank_threshold = cfg.lsd_blank_threshold
+        self.cps: CPSConfig = cfg.cps
+        self.hf_model, self.feature_extractor = hf_model, feature_extractor
+        self.backbone, self.head = backbone, head
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> CTCPosteriorEncoder:
+        return super().train(False)  # frozen: dropout stays off whatever the trainer does
+
+    @torch.no_grad()
+    def posteriors(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame-level CTC posteriors (B, T, V) and their lengths."""
+        if self.backbone is not None:
+            feats, lengths = self.backbone.encode_speech(waveforms)
+            return self.head(feats, lengths).float().softmax(-1), lengths
+        # One clip at a time: exact for every CTC model, whatever its normalisation of padding
+        # (group-norm wav2vec2 variants change their output when a batch is padded).
+        device = next(self.hf_model.parameters()).device
+        probs = []
+        for wav in waveforms:
+            inputs = self.feature_extractor(wav.float().cpu().numpy(), sampling_rate=self.sample_rate, return_tensors="pt")
+            inputs = {k: v.to(device) for k, v in inputs.items() if k != "attention_mask"}
+            probs.append(self.hf_model(**inputs).logits[0].float().softmax(-1))
+        return pad_sequences(probs)
+
+    @torch.no_grad()
+    def encode_speech(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        probs, lengths = self.posteriors(waveforms)
+        if not self.use_lsd:
+            return probs, lengths
+        return label_synchronous_compress(probs, lengths.to(probs.device), self.blank_id, self.blank_threshold)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], generators: list[torch.Generator] | None = None):
+        generators = generators or [None] * len(texts)
+        rows = [
+            simulate_ctc_posteriors(torch.tensor(self.vocab.encode(t), dtype=torch.long), self.output_dim,
+                                    self.blank_id, self.cps, g)
+            for t, g in zip(texts, generators)
+        ]
+        rows = [r if r.shape[0] else torch.zeros(1, self.output_dim) for r in rows]  # never empty
+        return pad_sequences(rows)
+
+    @torch.no_grad()
+    def greedy_transcribe(self, waveforms: list[torch.Tensor]) -> list[str]:
+        """Greedy CTC decoding of the encoder alone (the baseline the LLM has to beat)."""
+        probs, lengths = self.posteriors(waveforms)
+        best = probs.argmax(-1)
+        return [self.vocab.greedy_decode(best[i, : lengths[i]].tolist()) for i in range(len(waveforms))]
+
+
+def build_ctc_encoder(cfg: EncoderConfig) -> CTCPosteriorEncoder:
+    """From a Hub/local ``AutoModelForCTC``, a random ``from_config`` one, or a backbone + head."""
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
+
+    if cfg.ctc_head:
+        if cfg.backbone != "whisper":
+            raise ValueError(f"encoder.ctc_head needs encoder.backbone: whisper (got {cfg.backbone!r})")
+        from speechllm.encoders.whisper import WhisperSpeechEncoder
+
+        head = CTCHead.load(cfg.ctc_head)
+        backbone = WhisperSpeechEncoder.from_pretrained(cfg.pretrained)
+        vocab = CTCVocabulary(head.meta["vocab"], head.meta["blank_id"])
+        return CTCPosteriorEncoder(vocab, cfg, backbone=backbone, head=head)
+
+    if cfg.from_config is not None:
+        if not cfg.vocab:
+            raise ValueError("encoder.from_config needs encoder.vocab (the CTC units, index 0 = blank)")
+        kwargs = plain(cfg.from_config)
+        model_type = kwargs.pop("model_type", "wav2vec2")
+        config = AutoConfig.for_model(model_type, vocab_size=len(cfg.vocab), pad_token_id=0, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model = AutoModelForCTC.from_config(config)
+        from transformers import Wav2Vec2FeatureExtractor
+
+        extractor = Wav2Vec2FeatureExtractor(sampling_rate=cfg.sample_rate, do_normalize=True)
+        vocab = CTCVocabulary(plain(cfg.vocab), cfg.blank_id if cfg.blank_id is not None else 0)
+    else:
+        if not cfg.pretrained:
+            raise ValueError("encoder: set `pretrained` (Hub id or path) or `from_config`")
+        model = AutoModelForCTC.from_pretrained(cfg.pretrained)
+        extractor = AutoFeatureExtractor.from_pretrained(cfg.pretrained)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+        blank = cfg.blank_id if cfg.blank_id is not None else model.config.pad_token_id
+        if blank is None:
+            raise ValueError(f"{cfg.pretrained}: no pad_token_id in its config; set encoder.blank_id")
+        vocab = CTCVocabulary.from_tokenizer(tokenizer, blank, model.config.vocab_size)
+    return CTCPosteriorEncoder(vocab, cfg, hf_model=model, feature_extractor=extractor)

@@ -1,0 +1,198 @@
+"""The speech LLM: encoder -> (compression) -> projector -> embeddings spliced into a causal LM.
+
+Sequences are ``[prompt prefix | speech vectors | prompt suffix | target | EOS]``, left-padded, so
+every target sits at the end of its row: the loss needs the LM head only on the last few
+positions, and generation continues every row from the same place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from speechllm.config import GenerationConfig, ModelConfig, PromptConfig
+from speechllm.encoders import build_encoder
+from speechllm.encoders.base import SpeechEncoder
+from speechllm.llm import build_llm
+from speechllm.projector import Projector
+
+IGNORE_INDEX = -100
+_SPEECH = -1  # placeholder id of a speech position before splicing
+_MARK = "\x00SPEECH\x00"
+
+
+class PromptTemplate:
+    """Token ids before and after the speech, rendered once with the LLM's chat template.
+
+    No token is added to the LLM's vocabulary: the placeholder is a split point, so any Hub model
+    works unmodified and the frozen embedding matrix is never resized.
+    """
+
+    def __init__(self, tokenizer, cfg: PromptConfig):
+        if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+            messages = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+            messages.append({"role": "user", "content": cfg.task_prompt + _MARK})
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            add_special = False  # the template already holds any BOS it wants
+        else:
+            text, add_special = f"{cfg.task_prompt} {_MARK}\n", True
+        prefix, suffix = text.split(_MARK)
+        self.prefix_ids: list[int] = tokenizer(prefix, add_special_tokens=add_special).input_ids
+        self.suffix_ids: list[int] = tokenizer(suffix, add_special_tokens=False).input_ids
+        self.text = text
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, encoder: SpeechEncoder, llm, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.llm = llm
+        self.tokenizer = tokenizer
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.projector = Projector(encoder.output_dim, llm_dim, cfg.projector)
+        self.prompt = PromptTemplate(tokenizer, cfg.prompt)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        if cfg.projector.init_from_llm_embeddings:
+            self.projector.init_from_embeddings(self.unit_embeddings())
+
+    @classmethod
+    def build(cls, cfg: ModelConfig) -> SpeechLLM:
+        llm, tokenizer = build_llm(cfg.llm)
+        return cls(cfg, build_encoder(cfg.encoder), llm, tokenizer)
+
+    # ----------------------------------------------------------------------------- inputs
+
+    @torch.no_grad()
+    def unit_embeddings(self) -> torch.Tensor:
+        """Mean LLM input embedding of each CTC unit's string (zeros for the blank / empty units)."""
+        vocab = getattr(self.encoder, "vocab", None)
+        if vocab is None:
+            raise ValueError("projector.init_from_llm_embeddings needs a CTC encoder (its units have strings)")
+        table = self.llm.get_input_embeddings().weight
+        rows = torch.zeros(len(vocab), table.shape[1])
+        for i in range(len(vocab)):
+            ids = self.tokenizer(vocab.unit_string(i), add_special_tokens=False).input_ids if i != vocab.blank_id else []
+            if ids:
+                rows[i] = table[ids].float().mean(0).cpu()
+        return rows
+
+    def target_ids(self, texts: list[str]) -> list[list[int]]:
+        """Target token ids + EOS, truncated to ``max_target_tokens`` before the EOS."""
+        limit = self.cfg.prompt.max_target_tokens
+        return [self.tokenizer(t, add_special_tokens=False).input_ids[:limit] + [self.eos_id] for t in texts]
+
+    def project(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.projector.fc1.weight.device
+        return self.projector(feats.to(device), lengths.to(device))
+
+    def splice(self, speech: torch.Tensor, speech_lengths: torch.Tensor,
+               targets: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """Build left-padded ``inputs_embeds``, ``attention_mask``, ``position_ids`` (+ ``labels``)."""
+        rows, label_rows = [], []
+        for i, n in enumerate(speech_lengths.tolist()):
+            row = self.prompt.prefix_ids + [_SPEECH] * n + self.prompt.suffix_ids
+            target = targets[i] if targets is not None else []
+            rows.append(row + target)
+            label_rows.append([IGNORE_INDEX] * len(row) + target)
+        width = max(len(r) for r in rows)
+        device = speech.device
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, lab) in enumerate(zip(rows, label_rows)):
+            ids[i, width - len(row):] = torch.tensor(row)
+            labels[i, width - len(row):] = torch.tensor(lab)
+            mask[i, width - len(row):] = 1
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+
+        is_speech = ids == _SPEECH
+        embeds = self.llm.get_input_embeddings()(ids.masked_fill(is_speech, self.pad_id))
+        valid = torch.arange(speech.shape[1], device=device)[None, :] < speech_lengths.to(device)[:, None]
+        # Speech positions of a row are contiguous and in order, so row-major order matches.
+        embeds = embeds.masked_scatter(is_speech[..., None], speech[valid].to(embeds.dtype))
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+        if targets is not None:
+            out["labels"] = labels
+        return out
+
+    # ----------------------------------------------------------------------------- training
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Teacher-forced CE over target tokens + EOS (mean over tokens)."""
+        speech, speech_lengths = self.project(feats, lengths)
+        inputs = self.splice(speech, speech_lengths, targets)
+        labels = inputs.pop("labels")
+        # Targets sit at the end of every row (left padding): only the last `keep` positions need
+        # logits, which saves the LM head (vocab x hidden) on the prompt and the speech.
+        keep = max(len(t) for t in targets) + 1
+        logits = self.llm(**inputs, logits_to_keep=keep, use_cache=False).logits
+        shift_labels = labels[:, -keep + 1:]
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX
+        )
+        return {"loss": loss, "n_tokens": (shift_labels != IGNORE_INDEX).sum(), "seq_len": inputs["attention_mask"].shape[1]}
+
+    # ----------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def generate(self, feats: torch.Tensor, lengths: torch.Tensor, gen: GenerationConfig | None = None) -> list[str]:
+        gen = gen or self.cfg.generation
+        speech, speech_lengths = self.project(feats, lengths)
+        inputs = self.splice(speech, speech_lengths)
+        inputs.pop("position_ids")  # generate() derives them from the attention mask, step by step
+        out = self.llm.generate(
+            **inputs, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=False,
+            repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def transcribe(self, waveforms: list[torch.Tensor], gen: GenerationConfig | None = None) -> list[str]:
+        feats, lengths = self.encoder.encode_speech(waveforms)
+        return self.generate(feats, lengths, gen)
+
+    # ----------------------------------------------------------------------------- saving
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Only the trained weights, plus the config that names the frozen parts (ids/paths)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state_dict(), str(directory / "trainable.safetensors"))
+        cfg = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+        (directory / "model.json").write_text(json.dumps({"format": 1, "model": cfg}, indent=1))
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str = "") -> None:
+        """Load trained weights; every saved tensor must match a parameter of this model."""
+        params = dict(self.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"{source}: weights for parameters this model does not have: {unknown[:5]}")
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, overrides: ModelConfig | None = None) -> SpeechLLM:
+        directory = Path(directory)
+        meta_path = directory / "model.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory} is not an exported model (no model.json)")
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), json.loads(meta_path.read_text())["model"])
+        if overrides is not None:
+            cfg = OmegaConf.merge(cfg, overrides)
+        model = cls.build(cfg)
+        model.load_trainable(load_file(str(directory / "trainable.safetensors")), str(directory))
+        return model

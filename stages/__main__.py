@@ -1,0 +1,83 @@
+"""``python -m stages {run,status,decode,prepare} ...``: thin entry points over the runner."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from datamodules.manifest import ManifestError
+from speechllm.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a pipeline's stages")
+    run.add_argument("pipeline", help="pipeline YAML, e.g. configs/pipeline/demo.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
+    run.add_argument("--only", action="append", help="run only this stage (repeatable)")
+    run.add_argument("--redo", action="store_true", help="start the selected (or changed) stages over")
+    run.add_argument("--run-dir", help="root of the run directories (default: the pipeline's run_dir)")
+
+    status = sub.add_parser("status", help="where a pipeline stands")
+    status.add_argument("pipeline")
+    status.add_argument("overrides", nargs="*")
+    status.add_argument("--run-dir")
+
+    dec = sub.add_parser("decode", help="transcribe a manifest with an exported model and score it")
+    dec.add_argument("--model", required=True, help="a stage's model/ directory")
+    dec.add_argument("--manifest", required=True)
+    dec.add_argument("--out", required=True, help="hypotheses JSONL")
+    dec.add_argument("--batch-size", type=int, default=8)
+    dec.add_argument("--beam", type=int, default=None, help="beam size (default: the model's config)")
+    dec.add_argument("--max-new-tokens", type=int, default=None)
+    dec.add_argument("--normalizer", default="whisper", choices=["whisper", "tasu", "none"])
+    dec.add_argument("--limit", type=int, default=0)
+
+    prep = sub.add_parser("prepare", help="prepare data or assets")
+    prep.add_argument("what", choices=["tiny"])
+    prep.add_argument("--out", required=True)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from stages.runner import run_pipeline
+
+            results = run_pipeline(args.pipeline, args.overrides, args.only, args.redo, args.run_dir)
+            print(json.dumps(results, indent=1))
+        elif args.command == "status":
+            from stages.runner import pipeline_status
+
+            for row in pipeline_status(args.pipeline, args.overrides, args.run_dir):
+                metrics = row.get("metrics", {})
+                wers = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.endswith("/wer"))
+                print(f"{row['stage']:<12} {row['kind']:<8} {row['state']:<40} {wers}  {row['dir']}")
+        elif args.command == "decode":
+            from omegaconf import OmegaConf
+
+            from speechllm.config import GenerationConfig
+            from stages.decode import decode_manifest, load_for_decoding
+
+            model = load_for_decoding(args.model)
+            gen = GenerationConfig(**OmegaConf.to_container(model.cfg.generation))
+            gen.num_beams = args.beam or gen.num_beams
+            gen.max_new_tokens = args.max_new_tokens or gen.max_new_tokens
+            result = decode_manifest(model, args.manifest, args.out, batch_size=args.batch_size, gen=gen,
+                                     normalizer=args.normalizer, limit=args.limit)
+            print(f"WER {result['wer']:.4f}  (S={result['substitutions']} D={result['deletions']} "
+                  f"I={result['insertions']} N={result['ref_words']}, {result['utterances']} utterances, "
+                  f"normaliser {result['normalizer']}) -> {args.out}")
+        elif args.command == "prepare":
+            from stages.prepare_tiny_data import prepare_tiny_data
+
+            print(prepare_tiny_data(args.out))
+    except (ConfigError, ManifestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

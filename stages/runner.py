@@ -1,0 +1,243 @@
+"""The stage runner: runs a pipeline's stages in order, each into its own stage directory.
+
+``runs/<pipeline>/<stage>/`` holds ``config.yaml`` (resolved), ``checkpoints/last.ckpt`` (full
+Lightning state, trainable weights only), ``model/`` (exported trainable weights + the ids of the
+frozen parts), ``metrics.json``, ``progress.json``, TensorBoard logs under ``tb/`` and ``DONE``.
+
+Re-running the same command skips finished stages, refuses (clearly) to reuse a stage directory
+whose config changed unless told to ``--redo``, and resumes an unfinished stage from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import OmegaConf
+
+from speechllm.config import ConfigError, StageConfig, load_pipeline, load_stage_config, stage_layers, to_yaml
+
+# Changing these does not change what a stage computes, so a resume may change them.
+RESUME_SAFE_KEYS = ("trainer.num_threads", "data.num_workers", "trainer.log_every_n_steps",
+                    "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, then rename: a kill while saving never breaks ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class ProgressFile(L.Callback):
+    """``progress.json`` next to the checkpoints, so ``status`` needs no checkpoint loading."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.is_global_zero:
+            loss = trainer.callback_metrics.get("train/loss")
+            data = {"step": trainer.global_step, "max_steps": trainer.max_steps, "time": time.time(),
+                    "train_loss": float(loss) if loss is not None else None}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self.path)
+
+
+@dataclass
+class StageDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.root / "checkpoints" / "last.ckpt"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "DONE"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+
+def _config_diff(old_yaml: str, new_cfg: StageConfig) -> list[str]:
+    old = OmegaConf.to_container(OmegaConf.create(old_yaml), resolve=True)
+    new = OmegaConf.to_container(new_cfg, resolve=True)
+
+    def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out = {}
+            for k, v in d.items():
+                out.update(flatten(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUME_SAFE_KEYS)]
+
+
+def _precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def build_trainer(cfg: StageConfig, stage_dir: StageDir) -> L.Trainer:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    t = cfg.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=stage_dir.root / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps, save_last=True,
+        save_top_k=t.keep_last_checkpoints, monitor="step", mode="max",
+    )
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=_precision(t.precision), max_steps=t.max_steps, max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val or None,
+        val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
+        logger=TensorBoardLogger(str(stage_dir.root), name="tb", version=""),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), ProgressFile(stage_dir.progress)],
+        plugins=[AtomicCheckpointIO()], default_root_dir=str(stage_dir.root), enable_model_summary=False,
+    )
+
+
+def build_datamodule(cfg: StageConfig):
+    from datamodules.speech_text import SpeechTextDataModule
+
+    return SpeechTextDataModule(cfg, train_on="text" if cfg.kind == "align" else "speech")
+
+
+def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
+    """Train one stage (resuming from ``last.ckpt`` if present), export, evaluate, mark DONE."""
+    from lightning_modules import STAGE_MODULES
+
+    if cfg.kind not in STAGE_MODULES:
+        raise ConfigError(f"stage kind {cfg.kind!r} is not available (have: {sorted(STAGE_MODULES)})")
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    start = time.time()
+    module = STAGE_MODULES[cfg.kind](cfg)
+    datamodule = build_datamodule(cfg)
+    trainer = build_trainer(cfg, stage_dir)
+    resume = stage_dir.last_ckpt if stage_dir.last_ckpt.is_file() else None
+    if resume and trainer.is_global_zero:
+        print(f"[runner] resuming {stage_dir.root} from {resume}", flush=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    train_loss = trainer.callback_metrics.get("train/loss")
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if cfg.data.val else {}
+
+    metrics = {
+        "stage": stage_dir.root.name, "kind": cfg.kind, "steps": trainer.global_step,
+        "train_loss_last": float(train_loss) if train_loss is not None else None,
+        "wall_time_s_this_run": round(time.time() - start, 1),
+        **{k: float(v) for k, v in final.items()},
+    }
+    if trainer.is_global_zero:
+        module.model.save_pretrained(stage_dir.model)
+        stage_dir.metrics.write_text(json.dumps(metrics, indent=1))
+        stage_dir.done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    return metrics
+
+
+def resolve_stage_configs(pipeline_path: str | Path, overrides: list[str], run_dir: str | None = None):
+    """Yield ``(name, StageDir, config)`` for every stage of a pipeline, in order."""
+    pipeline = load_pipeline(pipeline_path)
+    root = Path(run_dir or pipeline.run_dir) / pipeline.name
+    out = []
+    for stage in pipeline.stages:
+        cfg = load_stage_config(stage_layers(pipeline_path, pipeline, stage.name), overrides)
+        if cfg.init_from and "/" not in cfg.init_from:  # a stage name: that stage's exported model
+            cfg.init_from = str(root / cfg.init_from / "model")
+        out.append((stage.name, StageDir(root / stage.name), cfg))
+    return out
+
+
+def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
+                 redo: bool = False, run_dir: str | None = None) -> dict[str, dict]:
+    stages = resolve_stage_configs(pipeline_path, overrides or [], run_dir)
+    unknown = set(only or []) - {name for name, _, _ in stages}
+    if unknown:
+        raise ConfigError(f"{pipeline_path}: no stage named {sorted(unknown)} (have {[n for n, _, _ in stages]})")
+    results = {}
+    for name, stage_dir, cfg in stages:
+        if only and name not in only:
+            continue
+        if stage_dir.config.is_file():
+            changed = _config_diff(stage_dir.config.read_text(), cfg)
+            if changed and not redo:
+                raise ConfigError(
+                    f"stage {name!r}: {stage_dir.root} was run with a different config (changed: "
+                    f"{', '.join(changed[:8])}). Re-run with --redo to start this stage over, or use another --run-dir."
+                )
+            if changed or (redo and only and name in only):
+                print(f"[runner] --redo: clearing {stage_dir.root}", flush=True)
+                shutil.rmtree(stage_dir.root)
+        if stage_dir.done.is_file():
+            print(f"[runner] stage {name!r} is DONE ({stage_dir.root}); skipping", flush=True)
+            results[name] = json.loads(stage_dir.metrics.read_text()) if stage_dir.metrics.is_file() else {}
+            continue
+        if cfg.init_from and not (Path(cfg.init_from) / "trainable.safetensors").is_file():
+            raise ConfigError(f"stage {name!r}: init_from {cfg.init_from} has no exported model (run the earlier stage first)")
+        stage_dir.root.mkdir(parents=True, exist_ok=True)
+        if not stage_dir.config.is_file():
+            stage_dir.config.write_text(to_yaml(cfg))
+        print(f"[runner] running stage {name!r} ({cfg.kind}) into {stage_dir.root}", flush=True)
+        results[name] = run_stage(cfg, stage_dir)
+    return results
+
+
+def pipeline_status(pipeline_path: str | Path, overrides: list[str] | None = None, run_dir: str | None = None) -> list[dict]:
+    rows = []
+    for name, stage_dir, cfg in resolve_stage_configs(pipeline_path, overrides or [], run_dir):
+        row = {"stage": name, "kind": cfg.kind, "dir": str(stage_dir.root)}
+        if stage_dir.done.is_file():
+            row["state"] = "done"
+            if stage_dir.metrics.is_file():
+                row["metrics"] = json.loads(stage_dir.metrics.read_text())
+        elif stage_dir.progress.is_file():
+            progress = json.loads(stage_dir.progress.read_text())
+            row["state"] = f"stopped/running at step {progress['step']}/{progress['max_steps']}"
+        elif stage_dir.config.is_file():
+            row["state"] = "started, no checkpoint yet"
+        else:
+            row["state"] = "not started"
+        if stage_dir.config.is_file() and _config_diff(stage_dir.config.read_text(), cfg):
+            row["state"] += " (config changed since: needs --redo)"
+        rows.append(row)
+    return rows
