@@ -188,6 +188,17 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         return [self.vocab.greedy_decode(best[i, : lengths[i]].tolist()) for i in range(len(waveforms))]
 
 
+def _default_feature_extractor(model_type: str, sample_rate: int):
+    """The model family's feature extractor with its default settings (needs no download)."""
+    import transformers
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+
+    name = FEATURE_EXTRACTOR_MAPPING_NAMES.get(model_type) or FEATURE_EXTRACTOR_MAPPING_NAMES.get(model_type.removesuffix("_ctc"))
+    if name is None:
+        raise ValueError(f"no default feature extractor known for encoder model_type {model_type!r}")
+    return getattr(transformers, name)(sampling_rate=sample_rate)
+
+
 def build_ctc_encoder(cfg: EncoderConfig) -> CTCPosteriorEncoder:
     """From a Hub/local ``AutoModelForCTC``, a random ``from_config`` one, or a backbone + head."""
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
@@ -207,14 +218,13 @@ def build_ctc_encoder(cfg: EncoderConfig) -> CTCPosteriorEncoder:
             raise ValueError("encoder.from_config needs encoder.vocab (the CTC units, index 0 = blank)")
         kwargs = plain(cfg.from_config)
         model_type = kwargs.pop("model_type", "wav2vec2")
-        config = AutoConfig.for_model(model_type, vocab_size=len(cfg.vocab), pad_token_id=0, **kwargs)
+        blank = cfg.blank_id if cfg.blank_id is not None else 0
+        config = AutoConfig.for_model(model_type, vocab_size=len(cfg.vocab), pad_token_id=blank, **kwargs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             model = AutoModelForCTC.from_config(config)
-        from transformers import Wav2Vec2FeatureExtractor
-
-        extractor = Wav2Vec2FeatureExtractor(sampling_rate=cfg.sample_rate, do_normalize=True)
-        vocab = CTCVocabulary(plain(cfg.vocab), cfg.blank_id if cfg.blank_id is not None else 0)
+        extractor = _default_feature_extractor(model_type, cfg.sample_rate)
+        vocab = CTCVocabulary(plain(cfg.vocab), blank)
     else:
         if not cfg.pretrained:
             raise ValueError("encoder: set `pretrained` (Hub id or path) or `from_config`")
