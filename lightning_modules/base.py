@@ -93,8 +93,11 @@ class SpeechLLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # Plain tensors and numbers only, so the checkpoint loads with torch.load(weights_only=True).
         checkpoint["rng"] = {
-            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
@@ -102,7 +105,8 @@ class SpeechLLMModule(L.LightningModule):
         rng = checkpoint.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             random.setstate(rng["python"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])

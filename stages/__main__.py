@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("what", choices=["tiny"])
     prep.add_argument("--out", required=True)
 
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after the options
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "status")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = args.overrides + extra
     try:
         if args.command == "run":
             from stages.runner import run_pipeline

@@ -1,0 +1,99 @@
+"""Stage 1 end to end through the runner on tiny models: SIGKILL mid-stage, re-run, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 60
+
+
+def write_pipeline(tmp_path: Path, data: Path) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(f"""
+name: e2e
+include: ["{REPO / 'configs/model/tiny.yaml'}"]
+defaults:
+  data: {{batch_size: 4, val_batch_size: 4}}
+  trainer: {{accelerator: cpu, precision: 32-true, max_steps: {MAX_STEPS}, val_check_interval: 30,
+             checkpoint_every_n_steps: 5, log_every_n_steps: 1, num_threads: 1}}
+stages:
+  - name: align
+    config:
+      kind: align
+      data: {{train: "{data / 'text/train.jsonl'}", val: {{noise: "{data / 'speech/val.jsonl'}"}}}}
+      optim: {{lr: 1.0e-3, warmup_steps: 5}}
+""")
+    return path
+
+
+def command(pipeline: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "stages", "run", str(pipeline), "--run-dir", str(run_dir)]
+
+
+def losses(stage: Path) -> dict[int, float]:
+    acc = EventAccumulator(str(stage / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def test_sigkill_then_rerun_resumes_exactly(tmp_path, tiny_data):
+    pipeline = write_pipeline(tmp_path, tiny_data)
+    killed_dir = tmp_path / "killed"
+    stage = killed_dir / "e2e" / "align"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    proc = subprocess.Popen(command(pipeline, killed_dir), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        progress = stage / "progress.json"
+        if progress.is_file() and json.loads(progress.read_text())["step"] >= 15:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    saved = torch.load(stage / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["global_step"]
+    assert 5 <= saved < MAX_STEPS and not (stage / "DONE").exists()
+
+    rerun = subprocess.run(command(pipeline, killed_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout
+    assert (stage / "DONE").is_file() and (stage / "model" / "trainable.safetensors").is_file()
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["steps"] == MAX_STEPS and "val/noise/wer" in metrics
+    resumed = losses(stage)
+    assert set(resumed) == set(range(MAX_STEPS))  # TensorBoard has every step exactly once
+
+    # The same pipeline run without interruption gives the same loss at every step.
+    clean = subprocess.run(command(pipeline, tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    uninterrupted = losses(tmp_path / "clean" / "e2e" / "align")
+    for step in range(MAX_STEPS):
+        assert abs(resumed[step] - uninterrupted[step]) <= 1e-6, (step, resumed[step], uninterrupted[step])
+
+    # A third run finds the stage DONE and skips it.
+    again = subprocess.run(command(pipeline, killed_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "DONE" in again.stdout and "skipping" in again.stdout
+
+
+def test_changed_config_is_refused_unless_redo(tmp_path, tiny_data):
+    pipeline = write_pipeline(tmp_path, tiny_data)
+    run_dir = tmp_path / "runs"
+    base = command(pipeline, run_dir) + ["trainer.max_steps=4", "trainer.val_check_interval=4"]
+    assert subprocess.run(base, cwd=REPO, capture_output=True, timeout=600).returncode == 0
+    changed = subprocess.run(base + ["optim.lr=0.5"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2 and "optim.lr" in changed.stderr and "--redo" in changed.stderr
+    redo = subprocess.run(base + ["optim.lr=0.5", "--redo"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert redo.returncode == 0, redo.stderr[-2000:]
+    saved = (run_dir / "e2e" / "align" / "config.yaml").read_text()
+    assert "lr: 0.5" in saved
