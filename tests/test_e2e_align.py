@@ -97,3 +97,20 @@ def test_changed_config_is_refused_unless_redo(tmp_path, tiny_data):
     assert redo.returncode == 0, redo.stderr[-2000:]
     saved = (run_dir / "e2e" / "align" / "config.yaml").read_text()
     assert "lr: 0.5" in saved
+
+
+def test_decode_cli_writes_hypotheses_with_error_counts(tmp_path, tiny_data):
+    pipeline = write_pipeline(tmp_path, tiny_data)
+    run = command(pipeline, tmp_path / "runs") + ["trainer.max_steps=2", "trainer.val_check_interval=2"]
+    assert subprocess.run(run, cwd=REPO, capture_output=True, timeout=600).returncode == 0
+    out = tmp_path / "hyps.jsonl"
+    dec = subprocess.run([sys.executable, "-m", "stages", "decode", "--model", str(tmp_path / "runs/e2e/align/model"),
+                          "--manifest", str(tiny_data / "speech/val.jsonl"), "--out", str(out), "--beam", "2",
+                          "--max-new-tokens", "5", "--normalizer", "tasu"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert dec.returncode == 0, dec.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and {"id", "ref", "hyp", "substitutions", "deletions", "insertions", "ref_words"} <= set(rows[0])
+    errors = sum(r["substitutions"] + r["deletions"] + r["insertions"] for r in rows)
+    wer = errors / sum(r["ref_words"] for r in rows)
+    assert f"WER {wer:.4f}" in dec.stdout
