@@ -163,6 +163,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     val_check_interval: int = 200  # steps
+    validate_before_training: bool = True  # WER of the starting point, logged at step 0
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
     keep_last_checkpoints: int = 1
@@ -198,6 +199,10 @@ class PipelineConfig:
     defaults: dict[str, Any] = field(default_factory=dict)  # StageConfig keys shared by all stages
     include: list[str] = field(default_factory=list)  # YAML files merged into defaults, in order
     stages: list[PipelineStage] = field(default_factory=list)
+    # Named scales of the same pipeline: {scale: {defaults: {...}, stages: {stage name: {...}}}},
+    # applied after the stage blocks. The first scale is the default; others run under
+    # ``<name>-<scale>`` so their run directories never mix.
+    scales: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -241,7 +246,7 @@ def load_stage_config(
     return cfg  # a structured DictConfig: attribute access, typed
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def load_pipeline(path: str | Path, scale: str | None = None) -> PipelineConfig:
     path = Path(path)
     cfg = _merge(OmegaConf.structured(PipelineConfig), load_yaml(path), str(path))
     if not cfg.name:
@@ -249,11 +254,21 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     names = [s.name for s in cfg.stages]
     if not names or any(not n for n in names) or len(set(names)) != len(names):
         raise ConfigError(f"{path}: stages need unique, non-empty names (got {names})")
+    scales = list(cfg.scales)
+    if scale is not None and scale not in scales:
+        raise ConfigError(f"{path}: no scale {scale!r} (have {scales or 'none'})")
+    for name, block in cfg.scales.items():
+        unknown = set(block or {}) - {"defaults", "stages"}
+        if unknown:
+            raise ConfigError(f"{path}: scales.{name} may only hold 'defaults' and 'stages' (got {sorted(unknown)})")
+    if scale is not None and scales and scale != scales[0]:
+        cfg.name = f"{cfg.name}-{scale}"
     return cfg
 
 
-def stage_layers(pipeline_path: str | Path, pipeline: PipelineConfig, stage_name: str) -> list[tuple[str, Any]]:
-    """The layers of one stage: included files, pipeline defaults, then the stage's own block."""
+def stage_layers(pipeline_path: str | Path, pipeline: PipelineConfig, stage_name: str,
+                 scale: str | None = None) -> list[tuple[str, Any]]:
+    """The layers of one stage: included files, pipeline defaults, the stage's block, the scale's."""
     root = Path(pipeline_path).parent
     layers: list[tuple[str, Any]] = []
     for inc in pipeline.include:
@@ -262,6 +277,11 @@ def stage_layers(pipeline_path: str | Path, pipeline: PipelineConfig, stage_name
     layers.append((f"{pipeline_path} (defaults)", OmegaConf.to_container(pipeline.defaults)))
     stage = next(s for s in pipeline.stages if s.name == stage_name)
     layers.append((f"{pipeline_path} (stage {stage_name})", OmegaConf.to_container(stage.config)))
+    if pipeline.scales:
+        scale = scale or next(iter(pipeline.scales))
+        block = OmegaConf.to_container(pipeline.scales[scale]) or {}
+        layers.append((f"{pipeline_path} (scales.{scale}.defaults)", block.get("defaults") or {}))
+        layers.append((f"{pipeline_path} (scales.{scale}.stages.{stage_name})", (block.get("stages") or {}).get(stage_name) or {}))
     return layers
 
 

@@ -144,9 +144,14 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, feats: torch.Tensor, lengths: torch.Tensor, gen: GenerationConfig | None = None) -> list[str]:
+        return self.generate_from_embeddings(*self.project(feats, lengths), gen)
+
+    @torch.no_grad()
+    def generate_from_embeddings(self, embeds: torch.Tensor, lengths: torch.Tensor,
+                                 gen: GenerationConfig | None = None) -> list[str]:
+        """Generate with ``embeds`` (already in the LLM's space) in the speech slot of the prompt."""
         gen = gen or self.cfg.generation
-        speech, speech_lengths = self.project(feats, lengths)
-        inputs = self.splice(speech, speech_lengths)
+        inputs = self.splice(embeds, lengths)
         inputs.pop("position_ids")  # generate() derives them from the attention mask, step by step
         out = self.llm.generate(
             **inputs, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=False,
@@ -154,6 +159,15 @@ class SpeechLLM(nn.Module):
             eos_token_id=self.eos_id, pad_token_id=self.pad_id,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM's own input embeddings of each text: what the speech slot would hold as text."""
+        table = self.llm.get_input_embeddings()
+        rows = [table(torch.tensor(self.tokenizer(t, add_special_tokens=False).input_ids or [self.pad_id],
+                                   device=table.weight.device)) for t in texts]
+        lengths = torch.tensor([r.shape[0] for r in rows], device=table.weight.device)
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
 
     def transcribe(self, waveforms: list[torch.Tensor], gen: GenerationConfig | None = None) -> list[str]:
         feats, lengths = self.encoder.encode_speech(waveforms)

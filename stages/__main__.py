@@ -10,6 +10,15 @@ from datamodules.manifest import ManifestError
 from speechllm.config import ConfigError
 
 
+# `python -m stages prepare WHAT ...` -> that module's main(argv)
+PREPARE_STEPS = {
+    "tiny": "stages.prepare_tiny_data",
+    "demo-data": "stages.prepare_demo_data",
+    "ctc-head": "stages.prepare_ctc_head",
+}
+
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -20,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", action="append", help="run only this stage (repeatable)")
     run.add_argument("--redo", action="store_true", help="start the selected (or changed) stages over")
     run.add_argument("--run-dir", help="root of the run directories (default: the pipeline's run_dir)")
+    run.add_argument("--scale", help="one of the pipeline's scales (default: its first)")
 
     status = sub.add_parser("status", help="where a pipeline stands")
     status.add_argument("pipeline")
     status.add_argument("overrides", nargs="*")
     status.add_argument("--run-dir")
+    status.add_argument("--scale")
 
     dec = sub.add_parser("decode", help="transcribe a manifest with an exported model and score it")
     dec.add_argument("--model", required=True, help="a stage's model/ directory")
@@ -36,12 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--normalizer", default="whisper", choices=["whisper", "tasu", "none"])
     dec.add_argument("--limit", type=int, default=0)
 
-    prep = sub.add_parser("prepare", help="prepare data or assets")
-    prep.add_argument("what", choices=["tiny"])
-    prep.add_argument("--out", required=True)
+    sub.add_parser("report", help="one report for a pipeline run: stage metrics + baselines (-h)")
+    prep = sub.add_parser("prepare", help="prepare data or assets; options after WHAT go to that step (-h)")
+    prep.add_argument("what", choices=sorted(PREPARE_STEPS))
+    prep.add_argument("step_args", nargs=argparse.REMAINDER)
 
-    # key=value overrides may come before or after the options
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from stages.report import main as report_main
+
+        return report_main(argv[1:])
+    if argv[:1] == ["prepare"]:  # everything after WHAT belongs to the preparation step
+        args, extra = parser.parse_args(argv[:2]), []
+        args.step_args = argv[2:]
+    else:  # key=value overrides may come before or after the options
+        args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "status")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -51,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from stages.runner import run_pipeline
 
-            results = run_pipeline(args.pipeline, args.overrides, args.only, args.redo, args.run_dir)
+            results = run_pipeline(args.pipeline, args.overrides, args.only, args.redo, args.run_dir, args.scale)
             print(json.dumps(results, indent=1))
         elif args.command == "status":
             from stages.runner import pipeline_status
 
-            for row in pipeline_status(args.pipeline, args.overrides, args.run_dir):
+            for row in pipeline_status(args.pipeline, args.overrides, args.run_dir, args.scale):
                 metrics = row.get("metrics", {})
                 wers = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.endswith("/wer"))
                 print(f"{row['stage']:<12} {row['kind']:<8} {row['state']:<40} {wers}  {row['dir']}")
@@ -76,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"I={result['insertions']} N={result['ref_words']}, {result['utterances']} utterances, "
                   f"normaliser {result['normalizer']}) -> {args.out}")
         elif args.command == "prepare":
-            from stages.prepare_tiny_data import prepare_tiny_data
+            import importlib
 
-            print(prepare_tiny_data(args.out))
+            return importlib.import_module(PREPARE_STEPS[args.what]).main(args.step_args) or 0
     except (ConfigError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

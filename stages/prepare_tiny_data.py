@@ -32,3 +32,13 @@ def prepare_tiny_data(out_dir: str | Path, n_text: int = 200, n_speech: int = 8,
                             "text": " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))})
     write_manifest(out / "speech" / "val.jsonl", speech_rows)
     return {"text": str(out / "text" / "train.jsonl"), "speech": str(out / "speech" / "val.jsonl")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages prepare tiny")
+    parser.add_argument("--out", required=True, help="output folder (text/ and speech/ manifests)")
+    args = parser.parse_args(argv)
+    print(prepare_tiny_data(args.out))
+    return 0

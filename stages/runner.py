@@ -60,6 +60,24 @@ class ProgressFile(L.Callback):
             tmp.replace(self.path)
 
 
+class StepTimer(L.Callback):
+    """Mean wall time of a training step (validation excluded) in this process."""
+
+    def __init__(self):
+        self.total, self.count, self._start = 0.0, 0, 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.total += time.perf_counter() - self._start
+        self.count += 1
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
 @dataclass
 class StageDir:
     root: Path
@@ -87,6 +105,10 @@ class StageDir:
     @property
     def progress(self) -> Path:
         return self.root / "progress.json"
+
+    @property
+    def initial_metrics(self) -> Path:
+        return self.root / "initial_metrics.json"
 
 
 def _config_diff(old_yaml: str, new_cfg: StageConfig) -> list[str]:
@@ -131,7 +153,7 @@ def build_trainer(cfg: StageConfig, stage_dir: StageDir) -> L.Trainer:
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
         logger=TensorBoardLogger(str(stage_dir.root), name="tb", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), ProgressFile(stage_dir.progress)],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), ProgressFile(stage_dir.progress), StepTimer()],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(stage_dir.root), enable_model_summary=False,
     )
 
@@ -158,14 +180,23 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
     resume = stage_dir.last_ckpt if stage_dir.last_ckpt.is_file() else None
     if resume and trainer.is_global_zero:
         print(f"[runner] resuming {stage_dir.root} from {resume}", flush=True)
+    if resume is None and cfg.data.val and cfg.trainer.validate_before_training:
+        # The starting point's WER (e.g. the untrained projector), logged at step 0 and kept.
+        initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        if trainer.is_global_zero:
+            stage_dir.initial_metrics.write_text(json.dumps({k: float(v) for k, v in initial.items()}, indent=1))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     train_loss = trainer.callback_metrics.get("train/loss")
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if cfg.data.val else {}
 
+    initial = json.loads(stage_dir.initial_metrics.read_text()) if stage_dir.initial_metrics.is_file() else {}
     metrics = {
         "stage": stage_dir.root.name, "kind": cfg.kind, "steps": trainer.global_step,
+        **{f"initial/{k}": v for k, v in initial.items()},
         "train_loss_last": float(train_loss) if train_loss is not None else None,
         "wall_time_s_this_run": round(time.time() - start, 1),
+        "train_step_s_mean": next((c.mean for c in trainer.callbacks if isinstance(c, StepTimer)), None),
+        **(loss_curve(stage_dir.root / "tb") if trainer.is_global_zero else {}),
         **{k: float(v) for k, v in final.items()},
     }
     if trainer.is_global_zero:
@@ -175,13 +206,30 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
     return metrics
 
 
-def resolve_stage_configs(pipeline_path: str | Path, overrides: list[str], run_dir: str | None = None):
-    """Yield ``(name, StageDir, config)`` for every stage of a pipeline, in order."""
-    pipeline = load_pipeline(pipeline_path)
+def loss_curve(tb_dir: Path, tag: str = "train/loss", points: int = 11) -> dict[str, float]:
+    """First/last values of a logged scalar and a few evenly spaced points (for reports)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return {}
+    values = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed run re-logs steps: keep the last
+    steps = sorted(values)
+    tail = [values[s] for s in steps[-10:]]
+    picks = sorted({steps[round(i * (len(steps) - 1) / (points - 1))] for i in range(points)})
+    return {"train_loss_first": values[steps[0]], "train_loss_last10_mean": sum(tail) / len(tail),
+            "train_loss_curve": {str(s): round(values[s], 4) for s in picks}}
+
+
+def resolve_stage_configs(pipeline_path: str | Path, overrides: list[str], run_dir: str | None = None,
+                          scale: str | None = None):
+    """``(name, StageDir, config)`` for every stage of a pipeline, in order."""
+    pipeline = load_pipeline(pipeline_path, scale)
     root = Path(run_dir or pipeline.run_dir) / pipeline.name
     out = []
     for stage in pipeline.stages:
-        cfg = load_stage_config(stage_layers(pipeline_path, pipeline, stage.name), overrides)
+        cfg = load_stage_config(stage_layers(pipeline_path, pipeline, stage.name, scale), overrides)
         if cfg.init_from and "/" not in cfg.init_from:  # a stage name: that stage's exported model
             cfg.init_from = str(root / cfg.init_from / "model")
         out.append((stage.name, StageDir(root / stage.name), cfg))
@@ -189,8 +237,8 @@ def resolve_stage_configs(pipeline_path: str | Path, overrides: list[str], run_d
 
 
 def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
-                 redo: bool = False, run_dir: str | None = None) -> dict[str, dict]:
-    stages = resolve_stage_configs(pipeline_path, overrides or [], run_dir)
+                 redo: bool = False, run_dir: str | None = None, scale: str | None = None) -> dict[str, dict]:
+    stages = resolve_stage_configs(pipeline_path, overrides or [], run_dir, scale)
     unknown = set(only or []) - {name for name, _, _ in stages}
     if unknown:
         raise ConfigError(f"{pipeline_path}: no stage named {sorted(unknown)} (have {[n for n, _, _ in stages]})")
@@ -222,9 +270,10 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, 
     return results
 
 
-def pipeline_status(pipeline_path: str | Path, overrides: list[str] | None = None, run_dir: str | None = None) -> list[dict]:
+def pipeline_status(pipeline_path: str | Path, overrides: list[str] | None = None, run_dir: str | None = None,
+                    scale: str | None = None) -> list[dict]:
     rows = []
-    for name, stage_dir, cfg in resolve_stage_configs(pipeline_path, overrides or [], run_dir):
+    for name, stage_dir, cfg in resolve_stage_configs(pipeline_path, overrides or [], run_dir, scale):
         row = {"stage": name, "kind": cfg.kind, "dir": str(stage_dir.root)}
         if stage_dir.done.is_file():
             row["state"] = "done"

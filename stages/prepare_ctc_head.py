@@ -1,0 +1,466 @@
+"""Train a CTC head on frozen Whisper states: the CTC posteriors TASU needs from an encoder without one.
+
+Every clip is encoded once by the frozen :class:`WhisperSpeechEncoder` (real length, the one mode used
+everywhere) and its states are cached on disk; the head (:class:`CTCHead`) is then trained on the cached
+states with CTC and scored by greedy decoding on held-out voices. Outputs::
+
+    <out>/head.safetensors, head.json    CTCHead.save (what `encoder.ctc_head` points at)
+    <out>/report.json                    units, settings, eval CER/WER, examples, per-epoch history
+    <cache>/<manifest>-<hash>.safetensors  the frozen states of one manifest (default cache: <out>/../ctc-features)
+
+Units: ``chars`` (blank, space, a-z, apostrophe), or the LLM tokenizer's most frequent tokens in the
+text corpus plus those characters (``llm``: ~1500 tokens, ``hybrid``: a few hundred). Training targets
+always come from :meth:`CTCVocabulary.encode` on :func:`normalize_ctc_text`, exactly what the text side
+can compute, never from the LLM tokenizer. Re-running with the same settings returns the saved report.
+
+    python -m stages.prepare_ctc_head --train data/demo/speech/train.jsonl --eval data/demo/speech/dev.jsonl \
+        --out .cache/assets/ctc-head-whisper-tiny.en [--units chars|llm|hybrid] [--text data/demo/text/train.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import jiwer
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from datamodules.manifest import Utterance, load_audio, load_manifest
+from speechllm.encoders.base import pad_sequences
+from speechllm.encoders.ctc import CTCHead, CTCVocabulary
+from speechllm.encoders.whisper import WhisperSpeechEncoder
+from speechllm.metrics import corpus_errors, normalize
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+BLANK = "<blank>"
+CHARS = (" ", *"abcdefghijklmnopqrstuvwxyz", "'")
+UNIT_KINDS = ("chars", "hybrid", "llm")
+DEFAULT_MAX_UNITS = {"chars": 0, "hybrid": 400, "llm": 1500}
+HEAD_FILES = ("head.json", "head.safetensors", "report.json")
+
+_NOT_SPELLABLE = re.compile(r"[^a-z']+")
+_STRAY_APOSTROPHE = re.compile(r"(?<![a-z])'|'(?![a-z])")  # quotes, not the one in "it's"
+_TOKEN_UNIT = re.compile(r" ?[a-z']{2,}| [a-z']")  # a subword, with at most a leading space
+_DIGIT = re.compile(r"\d")
+
+
+def normalize_ctc_text(text: str) -> str:
+    """The text the CTC units spell: lower-case a-z and in-word apostrophes, single spaces.
+
+    Anything else (punctuation, hyphens, digits) becomes a word break: it is silent or, for digits,
+    spoken as words the units cannot spell. Apply it on the text side too, before ``vocab.encode``.
+    """
+    text = _NOT_SPELLABLE.sub(" ", text.lower().replace("\u2019", "'"))
+    return " ".join(_STRAY_APOSTROPHE.sub(" ", text).split())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_units(kind: str, texts: list[str], llm_dir: str | Path | None = None,
+                max_units: int | None = None) -> tuple[list[str], list[int | None]]:
+    """The CTC units (index 0 = blank) and, per unit, its LLM token id (None where it has none).
+
+    ``llm``/``hybrid``: the ``max_units`` LLM tokens most frequent in ``texts`` (normalised), each as its
+    decoded text (byte-level BPE: " the" keeps its space), after every character as the fallback.
+    """
+    if kind not in UNIT_KINDS:
+        raise ValueError(f"unknown units {kind!r}; choose from {', '.join(UNIT_KINDS)}")
+    units = [BLANK, *CHARS]
+    if kind == "chars":
+        return units, [None] * len(units)
+    if llm_dir is None:
+        raise ValueError(f"units={kind!r} needs llm_dir (the LLM whose tokenizer gives the units)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    max_units = DEFAULT_MAX_UNITS[kind] if max_units is None else max_units
+    counts: Counter[int] = Counter()
+    for ids in tokenizer([normalize_ctc_text(t) for t in texts], add_special_tokens=False).input_ids:
+        counts.update(ids)
+
+    def single_id(text: str) -> int | None:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+    token_ids = [None, *(single_id(c) for c in CHARS)]
+    seen = set(units)
+    for token_id, _ in counts.most_common():
+        if len(units) - 1 - len(CHARS) >= max_units:
+            break
+        text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        if text not in seen and _TOKEN_UNIT.fullmatch(text):
+            units.append(text)
+            token_ids.append(token_id)
+            seen.add(text)
+    return units, token_ids
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frozen features, cached per manifest
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Features:
+    """Frozen encoder states of one manifest; clip ``i`` is ``feats[offsets[i] : offsets[i] + lengths[i]]``."""
+
+    ids: list[str]
+    feats: torch.Tensor  # (sum of lengths, D), float16 on disk and in memory
+    lengths: torch.Tensor  # (N,)
+    offsets: torch.Tensor | None = None  # (N,), default: clips stored back to back
+
+    def __post_init__(self) -> None:
+        if self.offsets is None:
+            self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, indices: list[int]) -> Features:
+        """Some of the clips, sharing this one's feature tensor."""
+        return Features([self.ids[i] for i in indices], self.feats, self.lengths[indices], self.offsets[indices])
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        clips = [self.feats[self.offsets[i] : self.offsets[i] + self.lengths[i]].float() for i in indices]
+        return pad_sequences(clips)
+
+
+def _file_key(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def whisper_key(whisper_dir: str | Path) -> dict:
+    """What identifies the encoder's weights: its folder and its config/weights files."""
+    folder = Path(whisper_dir)
+    return {"dir": str(folder.resolve()),
+            "files": [_file_key(p) for p in sorted(folder.glob("*")) if p.suffix in (".json", ".safetensors")]}
+
+
+def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: str | Path,
+                    batch_size: int = 8) -> Features:
+    """The frozen Whisper states of every clip, computed once and cached (keyed by manifest and encoder)."""
+    manifest, cache_dir = Path(manifest), Path(cache_dir)
+    key = json.dumps({"manifest": _file_key(manifest), "whisper": whisper_key(whisper_dir)}, sort_keys=True)
+    path = cache_dir / f"{manifest.stem}-{hashlib.sha1(str(manifest.resolve()).encode()).hexdigest()[:10]}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            if meta.get("key") == key:
+                return Features(json.loads(meta["ids"]), f.get_tensor("feats"), f.get_tensor("lengths"))
+        log.info("%s: manifest or encoder changed since it was cached, re-encoding", path)
+
+    items = load_manifest(manifest, require_audio=True)
+    encoder = WhisperSpeechEncoder.from_pretrained(whisper_dir)
+    start = time.perf_counter()
+    # Batches of similar length waste little on padding; the output does not depend on the batching.
+    order = sorted(range(len(items)), key=lambda i: items[i].duration or 0.0)
+    states: list[torch.Tensor | None] = [None] * len(items)
+    for first in tqdm(range(0, len(order), batch_size), desc=f"encoding {manifest.name}", unit="batch"):
+        chunk = order[first : first + batch_size]
+        feats, lengths = encoder.encode_speech([load_audio(items[i].audio, SAMPLE_RATE) for i in chunk])
+        for row, i in enumerate(chunk):
+            states[i] = feats[row, : lengths[row]].half()
+    log.info("encoded %d clips of %s in %.0f s", len(items), manifest, time.perf_counter() - start)
+    features = Features([u.id for u in items], torch.cat(states), torch.tensor([s.shape[0] for s in states]))
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"feats": features.feats, "lengths": features.lengths}, str(tmp),
+              metadata={"key": key, "ids": json.dumps(features.ids)})
+    tmp.replace(path)  # atomic: a killed run never leaves a half cache
+    return features
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training and scoring
+# ---------------------------------------------------------------------------------------------------
+
+
+def ctc_targets(vocab: CTCVocabulary, utterances: list[Utterance], lengths: torch.Tensor
+                ) -> tuple[list[int], list[list[int]], Counter[str]]:
+    """The clips to train on, their unit ids, and how many were skipped and why."""
+    keep, targets, skipped = [], [], Counter()
+    for i, (utt, n_frames) in enumerate(zip(utterances, lengths.tolist())):
+        ids = vocab.encode(normalize_ctc_text(utt.text))
+        repeats = sum(a == b for a, b in zip(ids, ids[1:]))  # CTC needs a blank between repeated units
+        if _DIGIT.search(utt.text):
+            skipped["digits"] += 1  # spoken as words the units cannot spell: a wrong target
+        elif not ids:
+            skipped["empty_target"] += 1
+        elif n_frames < len(ids) + repeats:
+            skipped["too_short"] += 1
+        else:
+            keep.append(i)
+            targets.append(ids)
+    return keep, targets, skipped
+
+
+def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator,
+                 frames_per_mask: int = 50, max_frames: int = 8, feature_masks: int = 2,
+                 max_features: int = 40) -> torch.Tensor:
+    """SpecAugment on frozen states: zero ~1 random span of <= 8 frames per second and 2 bands of dims.
+
+    The only augmentation left once the features are cached; it makes the BiLSTM use context rather
+    than memorise the training voices.
+    """
+    feats = feats.clone()
+    dim = feats.shape[-1]
+
+    def randint(high: int) -> int:
+        return int(torch.randint(high, (1,), generator=generator))
+
+    for row, n in enumerate(lengths.tolist()):
+        for _ in range(n // frames_per_mask):
+            width = randint(max_frames + 1)
+            start = randint(max(n - width, 1))
+            feats[row, start : start + width] = 0.0
+        for _ in range(feature_masks):
+            width = randint(max_features + 1)
+            start = randint(dim - width + 1)
+            feats[row, :, start : start + width] = 0.0
+    return feats
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of similar-length clips: padding would cost the (B, T, V) output layer and loss."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = batch_size * 50
+    batches = []
+    for first in range(0, len(order), pool):
+        chunk = sorted(order[first : first + pool], key=lengths.__getitem__)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def ctc_loss(head: CTCHead, feats: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    log_probs = head(feats, lengths).log_softmax(-1).transpose(0, 1)  # (T, B, V) for CTCLoss
+    flat = torch.tensor([u for t in targets for u in t], dtype=torch.long)
+    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    return torch.nn.functional.ctc_loss(log_probs, flat, lengths, target_lengths, blank=head.meta["blank_id"],
+                                        zero_infinity=True)
+
+
+@torch.no_grad()
+def transcribe(head: CTCHead, vocab: CTCVocabulary, features: Features, batch_size: int = 32) -> list[str]:
+    """Greedy CTC transcripts of every clip."""
+    head.eval()
+    hyps = []
+    for first in range(0, len(features), batch_size):
+        feats, lengths = features.batch(list(range(first, min(first + batch_size, len(features)))))
+        best = head(feats, lengths).argmax(-1)
+        hyps += [vocab.greedy_decode(best[i, : lengths[i]].tolist()) for i in range(len(lengths))]
+    return hyps
+
+
+def score(refs: list[str], hyps: list[str]) -> dict:
+    """Corpus WER (Whisper normaliser) and CER (character edits / reference characters, same normaliser)."""
+    errors, _ = corpus_errors(refs, hyps, normalizer="whisper")
+    pairs = [(normalize(r, "whisper"), normalize(h, "whisper")) for r, h in zip(refs, hyps)]
+    pairs = [(r, h) for r, h in pairs if r]  # jiwer refuses empty references
+    cer = jiwer.cer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else 0.0
+    return {"cer": round(float(cer), 4), **{k: round(v, 4) if isinstance(v, float) else v
+                                            for k, v in errors.as_dict().items()}}
+
+
+def train_head(head: CTCHead, vocab: CTCVocabulary, train: Features, targets: list[list[int]],
+               evaluate: Features, eval_refs: list[str], *, epochs: int, batch_size: int, lr: float,
+               seed: int, augment: bool) -> list[dict]:
+    """AdamW with warm-up + cosine decay and gradient clipping; greedy eval CER/WER after every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = train.lengths.tolist()
+    steps = epochs * math.ceil(len(lengths) / batch_size)
+    warmup = max(1, steps // 20)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    history = []
+    for epoch in range(1, epochs + 1):
+        head.train()
+        total, bar = 0.0, tqdm(length_bucketed_batches(lengths, batch_size, generator), desc=f"epoch {epoch}/{epochs}")
+        for step, batch in enumerate(bar, start=1):
+            feats, feat_lengths = train.batch(batch)
+            if augment:
+                feats = spec_augment(feats, feat_lengths, generator)
+            loss = ctc_loss(head, feats, feat_lengths, [targets[i] for i in batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{total / step:.3f}")
+        metrics = score(eval_refs, transcribe(head, vocab, evaluate))
+        history.append({"epoch": epoch, "loss": round(total / len(bar), 4), "eval_cer": metrics["cer"],
+                        "eval_wer": metrics["wer"]})
+        log.info("epoch %d: loss %.3f, eval CER %.3f, WER %.3f", epoch, total / len(bar), metrics["cer"], metrics["wer"])
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------
+
+
+def _saved_report(out_dir: Path, settings: dict) -> dict | None:
+    if not all((out_dir / name).is_file() for name in HEAD_FILES):
+        return None
+    report = json.loads((out_dir / "report.json").read_text())
+    return report if report.get("settings") == settings else None
+
+
+def prepare_ctc_head(
+    train_manifest: str | Path,
+    eval_manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    whisper_dir: str | Path,
+    units: str = "chars",
+    kind: str = "bilstm",
+    hidden: int = 256,
+    epochs: int = 20,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    augment: bool = True,
+    llm_dir: str | Path | None = None,
+    max_units: int | None = None,
+    text_manifest: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict:
+    """Train (or reuse) a CTC head on frozen Whisper states; return its report (``reused`` says which).
+
+    ``text_manifest``: the text corpus whose token frequencies pick ``llm``/``hybrid`` units (default:
+    the training transcripts). ``llm_dir`` defaults to the embedded SmolLM2 for those units.
+    """
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "ctc-features"
+    if units != "chars" and llm_dir is None:
+        from speechllm.assets import smollm2_135m_instruct
+
+        llm_dir = smollm2_135m_instruct()
+    text_source = Path(text_manifest) if text_manifest is not None else Path(train_manifest)
+    settings = {
+        "units": units, "max_units": None if units == "chars" else (max_units or DEFAULT_MAX_UNITS[units]),
+        "kind": kind, "hidden": hidden, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "augment": augment, "whisper": whisper_key(whisper_dir), "train": _file_key(Path(train_manifest)),
+        "eval": _file_key(Path(eval_manifest)), "text": _file_key(text_source),
+        "llm": None if units == "chars" else str(Path(llm_dir).resolve()),
+    }
+    report = _saved_report(out_dir, settings)
+    if report is not None:
+        log.info("%s already holds a CTC head for these settings: not retraining", out_dir)
+        return {**report, "reused": True}
+
+    start = time.perf_counter()
+    train_items = load_manifest(train_manifest, require_audio=True)
+    eval_items = load_manifest(eval_manifest, require_audio=True)
+    train_feats = encode_manifest(train_manifest, whisper_dir, cache_dir)
+    eval_feats = encode_manifest(eval_manifest, whisper_dir, cache_dir)
+    encode_seconds = time.perf_counter() - start
+
+    texts = [u.text for u in load_manifest(text_source, require_audio=False)]
+    unit_list, token_ids = build_units(units, texts, llm_dir, settings["max_units"])
+    vocab = CTCVocabulary(unit_list, blank_id=0)
+    keep, targets, skipped = ctc_targets(vocab, train_items, train_feats.lengths)
+    if not keep:
+        raise ValueError(f"{train_manifest}: no clip has a usable CTC target (skipped: {dict(skipped)})")
+    log.info("%d units (%s); training on %d of %d clips (skipped: %s)", len(vocab), units, len(keep),
+             len(train_items), dict(skipped) or "none")
+    train_set = train_feats.subset(keep)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = CTCHead(train_feats.feats.shape[-1], unit_list, blank_id=0, kind=kind, hidden=hidden)
+    eval_refs = [u.text for u in eval_items]
+    start = time.perf_counter()
+    history = train_head(head, vocab, train_set, targets, eval_feats, eval_refs, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed, augment=augment)
+    train_seconds = time.perf_counter() - start
+    hyps = transcribe(head, vocab, eval_feats)
+
+    report = {
+        "units": units, "vocab_size": len(vocab), "kind": kind, "hidden": hidden, "epochs": epochs,
+        "train_clips": len(keep), "skipped": dict(skipped), "encode_seconds": round(encode_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "eval": {"manifest": str(eval_manifest), "clips": len(eval_items), **score(eval_refs, hyps)},
+        "examples": [{"id": u.id, "ref": u.text, "hyp": h} for u, h in list(zip(eval_items, hyps))[:5]],
+        "history": history, "llm_token_ids": None if units == "chars" else token_ids, "settings": settings,
+    }
+    # Build in a sibling temp folder and rename: a killed run never leaves a head without its report.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        head.save(tmp)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved %s: eval CER %.3f, WER %.3f", out_dir, report["eval"]["cer"], report["eval"]["wer"])
+    return {**report, "reused": False}
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The command-line options (pass a parser, e.g. a subcommand's, to add them to it)."""
+    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", required=True, type=Path, help="speech manifest to train on")
+    parser.add_argument("--eval", required=True, type=Path, help="speech manifest to score on (held-out voices)")
+    parser.add_argument("--out", required=True, type=Path, help="folder of the head and its report.json")
+    parser.add_argument("--whisper", type=Path, help="Whisper checkpoint folder (default: the embedded tiny.en)")
+    parser.add_argument("--units", choices=UNIT_KINDS, default="chars")
+    parser.add_argument("--text", type=Path, help="text corpus that picks llm/hybrid units (default: --train)")
+    parser.add_argument("--llm", type=Path, help="LLM folder whose tokenizer gives the units (default: SmolLM2)")
+    parser.add_argument("--max-units", type=int, help=f"subword units (default: {DEFAULT_MAX_UNITS})")
+    parser.add_argument("--kind", choices=["bilstm", "linear"], default="bilstm")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-augment", dest="augment", action="store_false", help="no SpecAugment")
+    parser.add_argument("--cache-dir", type=Path, help="frozen-feature cache (default: <out>/../ctc-features)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.whisper is None:
+        from speechllm.assets import whisper_tiny_en
+
+        args.whisper = whisper_tiny_en()
+    report = prepare_ctc_head(
+        args.train, args.eval, args.out, whisper_dir=args.whisper, units=args.units, kind=args.kind,
+        hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        augment=args.augment, llm_dir=args.llm, max_units=args.max_units, text_manifest=args.text,
+        cache_dir=args.cache_dir,
+    )
+    print(json.dumps({k: report[k] for k in ("units", "vocab_size", "train_clips", "skipped", "train_seconds",
+                                            "eval", "reused")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
