@@ -55,6 +55,7 @@ class SpeechTextDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.train_on = cfg, train_on
         self.val_names: list[str] = list(cfg.data.val)
+        self.test_names: list[str] = list(cfg.data.test)
 
     def setup(self, stage: str | None = None) -> None:
         data = self.cfg.data
@@ -64,12 +65,12 @@ class SpeechTextDataModule(L.LightningDataModule):
                 raise ValueError("data.train: no training manifest configured")
             items = load_manifest(data.train, require_audio=self.train_on == "speech")
             self.train_set = TextDataset(items, norm) if self.train_on == "text" else SpeechDataset(items, rate, norm)
-        self.val_sets = {}
-        for name, path in data.val.items():
-            items = load_manifest(path, require_audio=True)
-            if data.val_max_samples:
-                items = items[: data.val_max_samples]
-            self.val_sets[name] = SpeechDataset(items, rate, norm)
+        def speech_sets(manifests: dict[str, str], limit: int) -> dict[str, SpeechDataset]:
+            return {name: SpeechDataset(load_manifest(path, require_audio=True)[: limit or None], rate, norm)
+                    for name, path in manifests.items()}
+
+        self.val_sets = speech_sets(data.val, data.val_max_samples)
+        self.test_sets = speech_sets(data.test, data.test_max_samples)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -83,9 +84,12 @@ class SpeechTextDataModule(L.LightningDataModule):
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.cfg.data.num_workers, persistent_workers=False)
 
+    def _eval_loaders(self, sets: dict[str, SpeechDataset]) -> list[DataLoader]:
+        return [DataLoader(ds, batch_size=self.cfg.data.val_batch_size, shuffle=False, collate_fn=collate,
+                           num_workers=self.cfg.data.num_workers) for ds in sets.values()]
+
     def val_dataloader(self) -> list[DataLoader]:
-        return [
-            DataLoader(ds, batch_size=self.cfg.data.val_batch_size, shuffle=False, collate_fn=collate,
-                       num_workers=self.cfg.data.num_workers)
-            for ds in self.val_sets.values()
-        ]
+        return self._eval_loaders(self.val_sets)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test_sets)

@@ -51,7 +51,7 @@ class SpeechLLMModule(L.LightningModule):
             self.init_from(cfg.init_from)
         # Checkpoints hold trainable weights only; the frozen parts come from their ids on load.
         self.strict_loading = False
-        self._val_outputs: dict[int, list[tuple[str, str, str]]] = {}
+        self._eval_outputs: dict[int, list[tuple[str, str, str]]] = {}
         self._last_step_end: float | None = None
 
     def init_from(self, directory: str) -> None:
@@ -124,31 +124,41 @@ class SpeechLLMModule(L.LightningModule):
         self._last_step_end = now
         self.log("train/seq_len", float(out["seq_len"]), batch_size=batch_size)
 
-    # ------------------------------------------------------------------ validation: WER per set
+    # ------------------------------------------------------------------ evaluation: WER per named set
 
     def on_validation_epoch_start(self) -> None:
-        self._val_outputs = {}
+        self._eval_outputs = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_outputs = {}
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         hyps = self.model.transcribe(batch["waveform"])
-        self._val_outputs.setdefault(dataloader_idx, []).extend(zip(batch["id"], batch["target"], hyps))
+        self._eval_outputs.setdefault(dataloader_idx, []).extend(zip(batch["id"], batch["target"], hyps))
+
+    test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
-        names = self.trainer.datamodule.val_names if self.trainer.datamodule else []
+        self._log_wer("val", self.trainer.datamodule.val_names if self.trainer.datamodule else [])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_wer("test", self.trainer.datamodule.test_names if self.trainer.datamodule else [])
+
+    def _log_wer(self, prefix: str, names: list[str]) -> None:
         for idx, name in enumerate(names):
-            rows = self._val_outputs.get(idx, [])
+            rows = self._eval_outputs.get(idx, [])
             total, _ = corpus_errors([r for _, r, _ in rows], [h for _, _, h in rows], "whisper")
             counts = torch.tensor([total.substitutions, total.deletions, total.insertions, total.ref_words],
                                   dtype=torch.float64, device=self.device)
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")  # sum over ranks
             errors, ref_words = counts[:3].sum(), counts[3].clamp(min=1)
-            self.log(f"val/{name}/wer", (errors / ref_words).float(), sync_dist=False, add_dataloader_idx=False)
+            self.log(f"{prefix}/{name}/wer", (errors / ref_words).float(), add_dataloader_idx=False)
             if self.global_rank == 0 and rows:
-                self.log_text_samples(name, rows)
+                self.log_text_samples(f"{prefix}/{name}", rows)
 
     def log_text_samples(self, name: str, rows: list[tuple[str, str, str]]) -> None:
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_text"):
             return
         lines = [f"**{uid}**  \nREF: {ref}  \nHYP: {hyp}" for uid, ref, hyp in rows[: self.cfg.trainer.log_text_samples]]
-        experiment.add_text(f"val/{name}/samples", "\n\n".join(lines), self.global_step)
+        experiment.add_text(f"{name}/samples", "\n\n".join(lines), self.global_step)

@@ -128,10 +128,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: Optional[str] = None  # manifest (text-only lines are fine for `align`)
-    val: dict[str, str] = field(default_factory=dict)  # name -> speech manifest
+    val: dict[str, str] = field(default_factory=dict)  # name -> speech manifest, WER during training
+    test: dict[str, str] = field(default_factory=dict)  # name -> speech manifest, WER before/after training
     batch_size: int = 8
     val_batch_size: int = 8
     val_max_samples: int = 0  # 0 = all
+    test_max_samples: int = 0
     num_workers: int = 0
     # TASU's target normalisation: keep [A-Za-z\s.,!?'] and lowercase ("none" keeps the text)
     target_normalization: str = "tasu"
@@ -163,7 +165,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     val_check_interval: int = 200  # steps
-    validate_before_training: bool = True  # WER of the starting point, logged at step 0
+    evaluate_before_training: bool = True  # test (else val) WER of the starting point, at step 0
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
     keep_last_checkpoints: int = 1

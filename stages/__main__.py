@@ -9,7 +9,6 @@ import sys
 from datamodules.manifest import ManifestError
 from speechllm.config import ConfigError
 
-
 # `python -m stages prepare WHAT ...` -> that module's main(argv)
 PREPARE_STEPS = {
     "tiny": "stages.prepare_tiny_data",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -60,15 +59,16 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
         metrics.pop("report", None)
         report["stages"][name] = metrics
         model = None
-        for set_name, manifest in cfg.data.val.items():
-            key = f"{manifest}|{cfg.data.val_max_samples}|{json.dumps(dict(cfg.model.encoder), default=str)}|{cfg.model.llm.pretrained}|{cfg.model.prompt.task_prompt}"
+        sets, limit = (cfg.data.test, cfg.data.test_max_samples) if cfg.data.test else (cfg.data.val, cfg.data.val_max_samples)
+        for set_name, manifest in sets.items():
+            key = f"{manifest}|{limit}|{json.dumps(dict(cfg.model.encoder), default=str)}|{cfg.model.llm.pretrained}|{cfg.model.prompt.task_prompt}"
             if key not in cached:
                 model = model or SpeechLLM.build(cfg.model).eval()
-                cached[key] = {"set": set_name, **baselines(model, manifest, cfg.data.val_max_samples)}
+                cached[key] = {"set": set_name, **baselines(model, manifest, limit)}
                 cache.write_text(json.dumps(cached, indent=1))
             report["baselines"][set_name] = cached[key]
     (run_root / "report.json").write_text(json.dumps(report, indent=1))
-    for name, stage_dir, _ in stages:
+    for _, stage_dir, _ in stages:
         if stage_dir.metrics.is_file():
             metrics = json.loads(stage_dir.metrics.read_text())
             metrics["report"] = {"baselines": report["baselines"]}
@@ -84,10 +84,12 @@ def format_report(report: dict) -> str:
             lines.append(f"  CTC encoder alone, greedy            WER {base['ctc_greedy_wer']:.3f}")
         lines.append(f"  LLM ceiling (transcript as text)     WER {base['llm_text_ceiling_wer']:.3f}")
         for name, m in report["stages"].items():
-            if f"initial/val/{set_name}/wer" in m:
-                lines.append(f"  {name}: before training (zero-shot)  WER {m[f'initial/val/{set_name}/wer']:.3f}")
-            if f"val/{set_name}/wer" in m:
-                lines.append(f"  {name}: after {m['steps']} steps (zero-shot)   WER {m[f'val/{set_name}/wer']:.3f}")
+            for split in ("test", "val"):
+                if f"initial/{split}/{set_name}/wer" in m:
+                    lines.append(f"  {name}: before training                WER {m[f'initial/{split}/{set_name}/wer']:.3f}")
+                if f"{split}/{set_name}/wer" in m:
+                    lines.append(f"  {name}: after {m['steps']} steps               WER {m[f'{split}/{set_name}/wer']:.3f}")
+                    break
     for name, m in report["stages"].items():
         if "steps" in m:
             step = m.get("train_step_s_mean")

@@ -164,6 +164,16 @@ def build_datamodule(cfg: StageConfig):
     return SpeechTextDataModule(cfg, train_on="text" if cfg.kind == "align" else "speech")
 
 
+def evaluate(trainer: L.Trainer, module, datamodule, cfg: StageConfig, both: bool = False) -> dict[str, float]:
+    """WER on the test sets (and the validation sets if ``both``, or if there are no test sets)."""
+    out: dict[str, float] = {}
+    if cfg.data.val and (both or not cfg.data.test):
+        out.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    if cfg.data.test:
+        out.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+    return {k: float(v) for k, v in out.items()}
+
+
 def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
     """Train one stage (resuming from ``last.ckpt`` if present), export, evaluate, mark DONE."""
     from lightning_modules import STAGE_MODULES
@@ -180,14 +190,14 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
     resume = stage_dir.last_ckpt if stage_dir.last_ckpt.is_file() else None
     if resume and trainer.is_global_zero:
         print(f"[runner] resuming {stage_dir.root} from {resume}", flush=True)
-    if resume is None and cfg.data.val and cfg.trainer.validate_before_training:
+    if resume is None and cfg.trainer.evaluate_before_training and (cfg.data.test or cfg.data.val):
         # The starting point's WER (e.g. the untrained projector), logged at step 0 and kept.
-        initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        initial = evaluate(trainer, module, datamodule, cfg)
         if trainer.is_global_zero:
-            stage_dir.initial_metrics.write_text(json.dumps({k: float(v) for k, v in initial.items()}, indent=1))
+            stage_dir.initial_metrics.write_text(json.dumps(initial, indent=1))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     train_loss = trainer.callback_metrics.get("train/loss")
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if cfg.data.val else {}
+    final = evaluate(trainer, module, datamodule, cfg, both=True)
 
     initial = json.loads(stage_dir.initial_metrics.read_text()) if stage_dir.initial_metrics.is_file() else {}
     metrics = {
@@ -197,7 +207,7 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         "wall_time_s_this_run": round(time.time() - start, 1),
         "train_step_s_mean": next((c.mean for c in trainer.callbacks if isinstance(c, StepTimer)), None),
         **(loss_curve(stage_dir.root / "tb") if trainer.is_global_zero else {}),
-        **{k: float(v) for k, v in final.items()},
+        **final,
     }
     if trainer.is_global_zero:
         module.model.save_pretrained(stage_dir.model)
