@@ -6,6 +6,10 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 PIPELINE    ?= configs/pipeline/demo.yaml
+SCALE       ?= demo
+# The demo's data and CTC head, per scale (the `full` scale has more clips and its own head).
+DEMO_DATA   := data/$(if $(filter full,$(SCALE)),demo-full,demo)
+CTC_HEAD    := .cache/assets/ctc-head-whisper-tiny.en$(if $(filter full,$(SCALE)),-full,)
 RUN_DIR     ?= runs
 ARGS        ?=
 # torch is installed first and pinned, so no other package can pull a multi-GB CUDA build over it.
@@ -18,7 +22,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts for
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps assets test test-fast stage1 demo status tensorboard lint bench clean
+.PHONY: help setup system-deps assets test test-fast stage1 demo demo-data ctc-head report status tensorboard lint bench clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -66,11 +70,31 @@ test: setup assets
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-stage1: setup
-	$(PY) -m stages run $(PIPELINE) --only align --run-dir $(RUN_DIR) $(ARGS)
+# Each step prints its wall time; each is idempotent and resumable, so re-running `make demo`
+# reuses the data, the CTC head and finished stages.
+TIMED = @t0=$$(date +%s); $(1); rc=$$?; echo "[demo] $(2): $$(( $$(date +%s) - t0 )) s"; exit $$rc
+
+demo-data: setup system-deps
+	$(call TIMED,$(PY) -m stages prepare demo-data $(DEMO_DATA) --scale $(SCALE),data preparation ($(SCALE)))
+
+ctc-head: demo-data assets
+	$(call TIMED,$(PY) -m stages prepare ctc-head --train $(DEMO_DATA)/speech/train.jsonl --eval $(DEMO_DATA)/speech/dev.jsonl --out $(CTC_HEAD),CTC head on Whisper tiny.en)
+
+demo: ctc-head
+	$(call TIMED,$(PY) -m stages run $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR) $(ARGS),pipeline stages)
+	$(call TIMED,$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR),report)
+
+report: setup
+	$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR)
+
+# The demo pipeline needs its data and CTC head first; other pipelines bring their own data.
+STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),ctc-head,setup)
+
+stage1: $(STAGE_DEPS)
+	$(PY) -m stages run $(PIPELINE) --only align --scale $(SCALE) --run-dir $(RUN_DIR) $(ARGS)
 
 status: setup
-	$(PY) -m stages status $(PIPELINE) --run-dir $(RUN_DIR) $(ARGS)
+	$(PY) -m stages status $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR) $(ARGS)
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(RUN_DIR) --bind_all
