@@ -99,6 +99,10 @@ status: setup
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(RUN_DIR) --bind_all
 
+# Speed/loss comparisons measured in one run (numbers for issue notes, never in timed tests).
+bench: ctc-head
+	$(PY) -m stages bench levers --pipeline $(PIPELINE) $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check speechllm lightning_modules datamodules stages tests
 

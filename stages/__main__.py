@@ -47,15 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--limit", type=int, default=0)
 
     sub.add_parser("report", help="one report for a pipeline run: stage metrics + baselines (-h)")
+    sub.add_parser("bench", help="benchmarks, e.g. `bench levers` (-h)")
     prep = sub.add_parser("prepare", help="prepare data or assets; options after WHAT go to that step (-h)")
     prep.add_argument("what", choices=sorted(PREPARE_STEPS))
     prep.add_argument("step_args", nargs=argparse.REMAINDER)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        from stages.report import main as report_main
+    if argv[:1] in (["report"], ["bench"]):  # their own argument parsers
+        import importlib
 
-        return report_main(argv[1:])
+        return importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
     if argv[:1] == ["prepare"]:  # everything after WHAT belongs to the preparation step
         args, extra = parser.parse_args(argv[:2]), []
         args.step_args = argv[2:]

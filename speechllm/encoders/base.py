@@ -7,6 +7,8 @@ projector be trained on text alone (TASU: simulated CTC posteriors; TESU-LLM: a 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -18,6 +20,37 @@ def pad_sequences(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     for i, s in enumerate(seqs):
         out[i, : s.shape[0]] = s
     return out, lengths
+
+
+def load_tower(
+    model_cls: type, path_or_id: str | Path, key_mapping: dict[str, str], **kwargs
+) -> nn.Module:
+    """Load one sub-model of a larger checkpoint (e.g. Whisper's encoder) and nothing else.
+
+    ``key_mapping`` (regex -> replacement) renames the sub-model's checkpoint keys to its own; the
+    other keys are never materialised (safetensors loads lazily). Their "unexpected keys" report
+    would list thousands of lines, so it is silenced, and missing keys raise instead: a tower that
+    silently kept random weights would be far worse than a crash.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = model_cls.from_pretrained(
+            path_or_id, key_mapping=key_mapping, output_loading_info=True, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path_or_id}: no weights for {model_cls.__name__} keys {missing[:5]} (of {len(missing)})")
+    return model
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool, True on valid frames."""
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
 
 
 class SpeechEncoder(nn.Module):

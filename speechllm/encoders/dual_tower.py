@@ -24,8 +24,7 @@ from transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2 import (
 )
 
 from speechllm.config import EncoderConfig, LLMConfig, plain
-from speechllm.encoders.base import UnifiedEncoder
-from speechllm.encoders.whisper import lengths_to_mask, load_tower
+from speechllm.encoders.base import UnifiedEncoder, lengths_to_mask, load_tower
 
 # The conformer's chunk-attention mask is boolean and transformers' eager attention *adds* the mask
 # to the scores, so under "eager" padded frames are not masked at all; sdpa handles it correctly.

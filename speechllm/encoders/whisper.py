@@ -14,41 +14,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, WhisperConfig, WhisperFeatureExtractor
+from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from transformers.utils import logging as hf_logging
 
-from speechllm.encoders.base import SpeechEncoder, pad_sequences
-
-
-def load_tower(
-    model_cls: type[PreTrainedModel], path_or_id: str | Path, key_mapping: dict[str, str], **kwargs
-) -> PreTrainedModel:
-    """Load one sub-model of a larger checkpoint (e.g. Whisper's encoder) and nothing else.
-
-    ``key_mapping`` (regex -> replacement) renames the sub-model's checkpoint keys to its own; the
-    other keys are never materialised (safetensors loads lazily). Their "unexpected keys" report
-    would list thousands of lines, so it is silenced, and missing keys raise instead: a tower that
-    silently kept random weights would be far worse than a crash.
-    """
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = model_cls.from_pretrained(
-            path_or_id, key_mapping=key_mapping, output_loading_info=True, **kwargs
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ValueError(f"{path_or_id}: no weights for {model_cls.__name__} keys {missing[:5]} (of {len(missing)})")
-    return model
-
-
-def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths -> (B, max_len) bool, True on valid frames."""
-    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+from speechllm.encoders.base import SpeechEncoder, lengths_to_mask, load_tower, pad_sequences
 
 
 class WhisperSpeechEncoder(SpeechEncoder):
