@@ -29,6 +29,10 @@ class CPSConfig:
     keep_prob: float = 0.95  # each row kept independently with this probability
     insert_prob: float = 0.0  # floor(L' * insert_prob) insertions (off by default, as in TASU)
     insert_repeat_share: float = 0.5  # share of insertions that repeat the previous row (else blank)
+    # Share of utterances simulated instead from the encoder's measured errors and real posterior
+    # vectors (speechllm.posterior_stats; 0 = TASU's CPS only), and where those statistics live.
+    matched_share: float = 0.0
+    stats: Optional[str] = None
 
 
 @dataclass

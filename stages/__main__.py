@@ -14,6 +14,7 @@ PREPARE_STEPS = {
     "tiny": "stages.prepare_tiny_data",
     "demo-data": "stages.prepare_demo_data",
     "ctc-head": "stages.prepare_ctc_head",
+    "posterior-stats": "stages.prepare_posterior_stats",
 }
 
 

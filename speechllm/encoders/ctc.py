@@ -21,6 +21,7 @@ from speechllm.config import CPSConfig, EncoderConfig, plain
 from speechllm.cps import simulate_ctc_posteriors
 from speechllm.encoders.base import SpeechEncoder, UnifiedEncoder, pad_sequences
 from speechllm.lsd import label_synchronous_compress
+from speechllm.posterior_stats import PosteriorStats, simulate_matched_posteriors
 
 
 class CTCVocabulary:
@@ -138,6 +139,11 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         self.use_lsd = cfg.lsd
         self.blank_threshold = cfg.lsd_blank_threshold
         self.cps: CPSConfig = cfg.cps
+        self.stats = None
+        if cfg.cps.matched_share > 0:
+            if not cfg.cps.stats:
+                raise ValueError("encoder.cps.matched_share > 0 needs encoder.cps.stats (python -m stages prepare posterior-stats)")
+            self.stats = PosteriorStats.load(cfg.cps.stats)
         self.hf_model, self.feature_extractor = hf_model, feature_extractor
         self.backbone, self.head = backbone, head
         self.requires_grad_(False)
@@ -172,11 +178,13 @@ class CTCPosteriorEncoder(UnifiedEncoder):
     @torch.no_grad()
     def encode_text(self, texts: list[str], generators: list[torch.Generator] | None = None):
         generators = generators or [None] * len(texts)
-        rows = [
-            simulate_ctc_posteriors(torch.tensor(self.vocab.encode(t), dtype=torch.long), self.output_dim,
-                                    self.blank_id, self.cps, g)
-            for t, g in zip(texts, generators)
-        ]
+        rows = []
+        for text, g in zip(texts, generators):
+            ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
+            if self.stats is not None and torch.rand((), generator=g) < self.cps.matched_share:
+                rows.append(simulate_matched_posteriors(ids, self.stats, self.output_dim, g))
+            else:
+                rows.append(simulate_ctc_posteriors(ids, self.output_dim, self.blank_id, self.cps, g))
         rows = [r if r.shape[0] else torch.zeros(1, self.output_dim) for r in rows]  # never empty
         return pad_sequences(rows)
 

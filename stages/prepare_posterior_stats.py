@@ -1,0 +1,50 @@
+"""``python -m stages prepare posterior-stats``: measure a pipeline's CTC encoder on training-voice
+speech (confusions, insertions, real LSD vectors) for CPS noise matched to real posteriors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from datamodules.manifest import load_audio, load_manifest
+from speechllm.encoders import build_encoder
+from speechllm.posterior_stats import PosteriorStats, collect_posterior_stats
+from stages.runner import resolve_stage_configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages prepare posterior-stats")
+    parser.add_argument("--pipeline", required=True, help="the encoder comes from this pipeline's stage")
+    parser.add_argument("--stage", default="align")
+    parser.add_argument("--scale")
+    parser.add_argument("--manifest", required=True, help="speech from TRAINING voices only")
+    parser.add_argument("--limit", type=int, default=600, help="clips to measure")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    cfg = next(c for name, _, c in resolve_stage_configs(args.pipeline, [], None, args.scale) if name == args.stage)
+    out = Path(cfg.model.encoder.cps.stats or "")
+    if not cfg.model.encoder.cps.stats:
+        parser.error(f"{args.pipeline}: stage {args.stage!r} sets no model.encoder.cps.stats path")
+    if out.is_file():
+        PosteriorStats.load(out)  # a complete file: nothing to do
+        print(f"posterior statistics already at {out}")
+        return 0
+    cfg.model.encoder.cps.matched_share = 0.0  # measuring, not simulating
+    encoder = build_encoder(cfg.model.encoder)
+    items = load_manifest(args.manifest, require_audio=True)[: args.limit]
+    batches = (
+        ([load_audio(u.audio, encoder.sample_rate) for u in items[i : i + args.batch_size]],
+         [u.text for u in items[i : i + args.batch_size]])
+        for i in range(0, len(items), args.batch_size)
+    )
+    stats = collect_posterior_stats(encoder, batches)
+    stats.save(out)
+    kept = stats.confusion.diagonal()[: stats.confusion.shape[0]]
+    print(f"posterior statistics of {len(items)} clips -> {out}: insertion rate {stats.insert_rate:.3f}, "
+          f"mean P(correct unit) {kept.mean():.3f}, pools for {len(stats.pools)} units")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
