@@ -114,3 +114,17 @@ def test_decode_cli_writes_hypotheses_with_error_counts(tmp_path, tiny_data):
     errors = sum(r["substitutions"] + r["deletions"] + r["insertions"] for r in rows)
     wer = errors / sum(r["ref_words"] for r in rows)
     assert f"WER {wer:.4f}" in dec.stdout
+
+
+def test_bf16_autocast_and_lora_run_on_cpu(tmp_path, tiny_data):
+    pipeline = write_pipeline(tmp_path, tiny_data)
+    run = command(pipeline, tmp_path / "runs") + ["trainer.max_steps=3", "trainer.val_check_interval=3",
+                                                  "trainer.precision=bf16-mixed", "model.llm.lora.enabled=true"]
+    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "runs/e2e/align/metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["train_loss_last"] == metrics["train_loss_last"]  # not NaN
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "runs/e2e/align/model/trainable.safetensors"))
+    assert any("lora_A" in k for k in saved) and any(k.startswith("projector.") for k in saved)
