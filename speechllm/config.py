@@ -107,6 +107,8 @@ class PromptConfig:
     # "" passes an empty system turn where the template allows it.
     system_prompt: Optional[str] = None
     max_target_tokens: int = 128
+    # Reuse the fixed prompt prefix's keys/values in training while the LLM is frozen (no LoRA).
+    cache_prefix: bool = True
 
 
 @dataclass

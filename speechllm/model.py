@@ -93,11 +93,16 @@ class SpeechLLM(nn.Module):
         return self.projector(feats.to(device), lengths.to(device))
 
     def splice(self, speech: torch.Tensor, speech_lengths: torch.Tensor,
-               targets: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
-        """Build left-padded ``inputs_embeds``, ``attention_mask``, ``position_ids`` (+ ``labels``)."""
+               targets: list[list[int]] | None = None, with_prefix: bool = True) -> dict[str, torch.Tensor]:
+        """Build left-padded ``inputs_embeds``, ``attention_mask``, ``position_ids`` (+ ``labels``).
+
+        ``with_prefix=False`` leaves out the prompt prefix (its keys/values come from a cache) and
+        starts the position ids after it.
+        """
+        prefix = self.prompt.prefix_ids if with_prefix else []
         rows, label_rows = [], []
         for i, n in enumerate(speech_lengths.tolist()):
-            row = self.prompt.prefix_ids + [_SPEECH] * n + self.prompt.suffix_ids
+            row = prefix + [_SPEECH] * n + self.prompt.suffix_ids
             target = targets[i] if targets is not None else []
             rows.append(row + target)
             label_rows.append([IGNORE_INDEX] * len(row) + target)
@@ -118,6 +123,8 @@ class SpeechLLM(nn.Module):
         # Speech positions of a row are contiguous and in order, so row-major order matches.
         embeds = embeds.masked_scatter(is_speech[..., None], speech[valid].to(embeds.dtype))
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        if not with_prefix:
+            position_ids = position_ids + len(self.prompt.prefix_ids)
         out = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
         if targets is not None:
             out["labels"] = labels
@@ -128,17 +135,49 @@ class SpeechLLM(nn.Module):
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> dict[str, torch.Tensor]:
         """Teacher-forced CE over target tokens + EOS (mean over tokens)."""
         speech, speech_lengths = self.project(feats, lengths)
-        inputs = self.splice(speech, speech_lengths, targets)
+        use_cache = self.cfg.prompt.cache_prefix and self.llm_is_frozen() and not self.llm.training
+        inputs = self.splice(speech, speech_lengths, targets, with_prefix=not use_cache)
         labels = inputs.pop("labels")
+        if use_cache:  # [cached prefix | left padding | speech | suffix | target]
+            inputs["past_key_values"] = self.prefix_cache(inputs["inputs_embeds"].shape[0])
+            prefix_mask = inputs["attention_mask"].new_ones(labels.shape[0], len(self.prompt.prefix_ids))
+            inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
         # Targets sit at the end of every row (left padding): only the last `keep` positions need
         # logits, which saves the LM head (vocab x hidden) on the prompt and the speech.
         keep = max(len(t) for t in targets) + 1
-        logits = self.llm(**inputs, logits_to_keep=keep, use_cache=False).logits
+        logits = self.llm(**inputs, logits_to_keep=keep, use_cache=use_cache).logits
         shift_labels = labels[:, -keep + 1:]
         loss = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX
         )
         return {"loss": loss, "n_tokens": (shift_labels != IGNORE_INDEX).sum(), "seq_len": inputs["attention_mask"].shape[1]}
+
+    def llm_is_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.llm.parameters())
+
+    def train(self, mode: bool = True) -> SpeechLLM:
+        super().train(mode)
+        if self.llm_is_frozen():  # a frozen LLM keeps dropout off (and its prefix cache valid)
+            self.llm.eval()
+        return self
+
+    @torch.no_grad()
+    def prefix_cache(self, batch_size: int):
+        """Keys/values of the fixed prompt prefix, computed once per device/autocast state.
+
+        Valid only while the LLM is frozen (no LoRA, no dropout): the prefix's states never change.
+        """
+        from transformers import DynamicCache
+
+        device = self.llm.get_input_embeddings().weight.device
+        key = (device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        if getattr(self, "_prefix_kv", (None,))[0] != key:
+            ids = torch.tensor([self.prompt.prefix_ids], device=device)
+            cache = self.llm(input_ids=ids, use_cache=True).past_key_values
+            self._prefix_kv = (key, [(layer.keys, layer.values) for layer in cache.layers])
+        # A fresh cache per step: the forward appends to it.
+        layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self._prefix_kv[1]]
+        return DynamicCache(ddp_cache_data=layers, config=self.llm.config)
 
     # ----------------------------------------------------------------------------- inference
 

@@ -113,3 +113,23 @@ def test_projector_initialised_from_llm_embeddings_reproduces_them(tiny_model_cf
     out, _ = m.projector(onehot, torch.tensor([vocab - 1]))
     cos = torch.nn.functional.cosine_similarity(out[0], units[1:], dim=-1)
     assert cos.min() > 0.95, cos.min()
+
+
+def test_cached_prompt_prefix_gives_the_same_loss_and_gradients(tiny_model):
+    m = tiny_model
+    texts = ["we saw the dog", "go home", "a"]
+    feats, lengths = encode(m, texts, seed=3)
+    targets = m.target_ids(texts)
+    results = []
+    m.__dict__.pop("_prefix_kv", None)
+    for cached in (False, True):
+        m.cfg.prompt.cache_prefix = cached
+        m.zero_grad(set_to_none=True)
+        loss = m(feats, lengths, targets)["loss"]
+        loss.backward()
+        results.append((loss.detach(), m.projector.fc1.weight.grad.clone()))
+        assert hasattr(m, "_prefix_kv") == cached  # the cached path really ran
+    m.cfg.prompt.cache_prefix = True
+    m.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
