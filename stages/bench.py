@@ -18,6 +18,7 @@ from stages.runner import loss_curve
 LEVERS: dict[str, list[str]] = {
     "baseline (short prompt, no system prompt, fp32, 2 threads)": [],
     "default system prompt": ["model.prompt.system_prompt=null"],
+    "no prompt-prefix KV reuse": ["model.prompt.cache_prefix=false"],
     "bf16 autocast": ["trainer.precision=bf16-mixed"],
     "1 thread": ["trainer.num_threads=1"],
     "targets cut to 24 tokens": ["model.prompt.max_target_tokens=24"],
