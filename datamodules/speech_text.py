@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.manifest import Utterance, load_audio, load_manifest, normalize_target
@@ -56,6 +57,7 @@ class SpeechTextDataModule(L.LightningDataModule):
         self.cfg, self.train_on = cfg, train_on
         self.val_names: list[str] = list(cfg.data.val)
         self.test_names: list[str] = list(cfg.data.test)
+        self.skipped: dict[str, int] = {}  # counted skips, reported in metrics.json
 
     def setup(self, stage: str | None = None) -> None:
         data = self.cfg.data
@@ -64,6 +66,12 @@ class SpeechTextDataModule(L.LightningDataModule):
             if not data.train:
                 raise ValueError("data.train: no training manifest configured")
             items = load_manifest(data.train, require_audio=self.train_on == "speech")
+            if data.max_train_words:
+                kept = [u for u in items if len(u.target_text.split()) <= data.max_train_words]
+                self.skipped["longer_than_max_train_words"] = len(items) - len(kept)
+                rank_zero_info(f"{data.train}: skipped {len(items) - len(kept)} of {len(items)} items with more "
+                               f"than {data.max_train_words} words (data.max_train_words)")
+                items = kept
             self.train_set = TextDataset(items, norm) if self.train_on == "text" else SpeechDataset(items, rate, norm)
         def speech_sets(manifests: dict[str, str], limit: int) -> dict[str, SpeechDataset]:
             return {name: SpeechDataset(load_manifest(path, require_audio=True)[: limit or None], rate, norm)

@@ -115,6 +115,9 @@ class PromptConfig:
 class GenerationConfig:
     num_beams: int = 1
     max_new_tokens: int = 128
+    # Length guard: at most ceil(ratio * speech vectors) + 4 new tokens (0 = off). A transcript is
+    # never much longer than its label-rate input, and a looping model stops early.
+    max_new_tokens_per_speech_vector: float = 0.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # repetition guard; 0 = off
 
@@ -144,6 +147,9 @@ class DataConfig:
     # TASU's target normalisation: keep [A-Za-z\s.,!?'] and lowercase ("none" keeps the text)
     target_normalization: str = "tasu"
     max_audio_seconds: float = 30.0
+    # Training items with more words are skipped (and counted): sequence length is the cost of a
+    # step, and the text pool may hold texts far longer than any utterance it stands in for.
+    max_train_words: int = 0  # 0 = no limit
 
 
 @dataclass

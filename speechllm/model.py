@@ -8,6 +8,7 @@ positions, and generation continues every row from the same place.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -190,10 +191,13 @@ class SpeechLLM(nn.Module):
                                  gen: GenerationConfig | None = None) -> list[str]:
         """Generate with ``embeds`` (already in the LLM's space) in the speech slot of the prompt."""
         gen = gen or self.cfg.generation
+        max_new = gen.max_new_tokens
+        if gen.max_new_tokens_per_speech_vector > 0:
+            max_new = min(max_new, math.ceil(gen.max_new_tokens_per_speech_vector * int(lengths.max())) + 4)
         inputs = self.splice(embeds, lengths)
         inputs.pop("position_ids")  # generate() derives them from the attention mask, step by step
         out = self.llm.generate(
-            **inputs, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=False,
+            **inputs, max_new_tokens=max_new, num_beams=gen.num_beams, do_sample=False,
             repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
             eos_token_id=self.eos_id, pad_token_id=self.pad_id,
         )

@@ -186,6 +186,7 @@ def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: st
     tmp = path.with_name(path.name + ".tmp")
     save_file({"feats": features.feats, "lengths": features.lengths}, str(tmp),
               metadata={"key": key, "ids": json.dumps(features.ids)})
+    tmp.chmod(0o644)  # safetensors writes owner-only files; the cache should read like any other
     tmp.replace(path)  # atomic: a killed run never leaves a half cache
     return features
 
@@ -216,14 +217,15 @@ def ctc_targets(vocab: CTCVocabulary, utterances: list[Utterance], lengths: torc
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator,
                  frames_per_mask: int = 50, max_frames: int = 8, feature_masks: int = 2,
-                 max_features: int = 40) -> torch.Tensor:
-    """SpecAugment on frozen states: zero ~1 random span of <= 8 frames per second and 2 bands of dims.
+                 max_feature_fraction: float = 0.1) -> torch.Tensor:
+    """SpecAugment on frozen states: zero ~1 random span of <= 8 frames per second and 2 bands of <= 10 % of dims.
 
     The only augmentation left once the features are cached; it makes the BiLSTM use context rather
     than memorise the training voices.
     """
     feats = feats.clone()
     dim = feats.shape[-1]
+    max_features = int(dim * max_feature_fraction)
 
     def randint(high: int) -> int:
         return int(torch.randint(high, (1,), generator=generator))

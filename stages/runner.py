@@ -208,6 +208,7 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         "train_step_s_mean": next((c.mean for c in trainer.callbacks if isinstance(c, StepTimer)), None),
         **(loss_curve(stage_dir.root / "tb") if trainer.is_global_zero else {}),
         **final,
+        **{f"skipped/{k}": v for k, v in getattr(datamodule, "skipped", {}).items()},
     }
     if trainer.is_global_zero:
         module.model.save_pretrained(stage_dir.model)
