@@ -78,7 +78,7 @@ demo-data: setup system-deps
 	$(call TIMED,$(PY) -m stages prepare demo-data $(DEMO_DATA) --scale $(SCALE),data preparation ($(SCALE)))
 
 ctc-head: demo-data assets
-	$(call TIMED,$(PY) -m stages prepare ctc-head --train $(DEMO_DATA)/speech/train.jsonl --eval $(DEMO_DATA)/speech/dev.jsonl --out $(CTC_HEAD),CTC head on Whisper tiny.en)
+	$(call TIMED,$(PY) -m stages prepare ctc-head --train $(DEMO_DATA)/speech/train.jsonl --eval $(DEMO_DATA)/speech/dev.jsonl --text $(DEMO_DATA)/text/train.jsonl --out $(CTC_HEAD),CTC head on Whisper tiny.en)
 
 demo: ctc-head
 	$(call TIMED,$(PY) -m stages run $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR) $(ARGS),pipeline stages)

@@ -20,9 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True, help="speech from TRAINING voices only")
     parser.add_argument("--limit", type=int, default=600, help="clips to measure")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the stage config")
     args = parser.parse_args(argv)
 
-    cfg = next(c for name, _, c in resolve_stage_configs(args.pipeline, [], None, args.scale) if name == args.stage)
+    stages = resolve_stage_configs(args.pipeline, args.overrides, None, args.scale)
+    cfg = next(c for name, _, c in stages if name == args.stage)
     out = Path(cfg.model.encoder.cps.stats or "")
     if not cfg.model.encoder.cps.stats:
         parser.error(f"{args.pipeline}: stage {args.stage!r} sets no model.encoder.cps.stats path")

@@ -11,6 +11,7 @@ a speech encoder plus a separately trained :class:`CTCHead` (e.g. a head on froz
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -24,24 +25,34 @@ from speechllm.lsd import label_synchronous_compress
 from speechllm.posterior_stats import PosteriorStats, simulate_matched_posteriors
 
 
+_SPECIAL_TOKEN = re.compile(r"<[^<>]*>|\[[^\[\]]*\]")  # <pad>, <unk>, [UNK]: spell nothing
+_STRAY_APOSTROPHE = re.compile(r"(?<![^\W\d_])'|'(?![^\W\d_])")  # quotes, not the one in "it's"
+
+
 class CTCVocabulary:
     """The CTC units, their strings, and text -> unit ids.
 
-    With a transformers tokenizer the tokenizer's own encoding is used; otherwise text is split by
-    greedy longest match over the unit strings (exact for character units, sensible for any
-    subword inventory that contains every character as a fallback).
+    Text is first normalised to what the units can spell (:meth:`normalize`), the same on the text
+    side (CPS) as for the targets a CTC head was trained on. With a transformers tokenizer the
+    tokenizer's own encoding is used; otherwise text is split by greedy longest match over the unit
+    strings (exact for character units, sensible for any subword inventory that contains every
+    character as a fallback).
     """
 
     def __init__(self, units: list[str], blank_id: int, tokenizer=None):
         self.units = list(units)
         self.blank_id = blank_id
         self.tokenizer = tokenizer
-        self._index = {u: i for i, u in enumerate(self.units) if i != blank_id}
+        self._index: dict[str, int] = {}  # spelled text -> unit (so "|" and "\u2581x" match spaces)
+        for i, unit in enumerate(self.units):
+            if i != blank_id and unit and not _SPECIAL_TOKEN.fullmatch(unit):
+                self._index.setdefault(self.unit_string(i), i)
         self._max_len = max((len(u) for u in self._index), default=1)
         # Character vocabularies are often single-case (wav2vec2: upper; ours: lower).
         letters = [u for u in self._index if u.isalpha()]
         self.case = "upper" if letters and all(u.isupper() for u in letters) else (
             "lower" if letters and all(u.islower() for u in letters) else None)
+        self.alphabet = {c for spelled in self._index for c in spelled} | {" "}
 
     def __len__(self) -> int:
         return len(self.units)
@@ -54,11 +65,19 @@ class CTCVocabulary:
                 units[idx] = token
         return cls(units, blank_id, tokenizer)
 
-    def encode(self, text: str) -> list[int]:
+    def normalize(self, text: str) -> str:
+        """The text the units spell: the vocabulary's case, any character it lacks (punctuation,
+        hyphens, digits) turned into a word break, quote marks dropped, single spaces."""
+        text = text.replace("\u2019", "'")
         if self.case == "upper":
             text = text.upper()
         elif self.case == "lower":
             text = text.lower()
+        text = "".join(c if c in self.alphabet else " " for c in text)
+        return " ".join(_STRAY_APOSTROPHE.sub(" ", text).split())
+
+    def encode(self, text: str) -> list[int]:
+        text = self.normalize(text)
         if self.tokenizer is not None:
             return [i for i in self.tokenizer(text, add_special_tokens=False).input_ids if i != self.blank_id]
         ids, pos = [], 0
