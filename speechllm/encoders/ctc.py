@@ -24,7 +24,6 @@ from speechllm.encoders.base import SpeechEncoder, UnifiedEncoder, pad_sequences
 from speechllm.lsd import label_synchronous_compress
 from speechllm.posterior_stats import PosteriorStats, simulate_matched_posteriors
 
-
 _SPECIAL_TOKEN = re.compile(r"<[^<>]*>|\[[^\[\]]*\]")  # <pad>, <unk>, [UNK]: spell nothing
 _STRAY_APOSTROPHE = re.compile(r"(?<![^\W\d_])'|'(?![^\W\d_])")  # quotes, not the one in "it's"
 
