@@ -108,7 +108,9 @@ def simulate_matched_posteriors(ids: torch.Tensor, stats: PosteriorStats, vocab_
         observed = int(torch.multinomial(stats.confusion[unit], 1, generator=generator))
         if observed < vocab_size:
             rows.append(_draw(stats.pools.get(observed), observed, vocab_size, generator))
-        if len(stats.insert_pool) and torch.rand((), generator=generator) < stats.insert_rate:
+        # Poisson, not one coin: a weak head can insert more than one vector per unit.
+        inserted = int(torch.poisson(torch.tensor(stats.insert_rate), generator=generator)) if len(stats.insert_pool) else 0
+        for _ in range(inserted):
             rows.append(stats.insert_pool[int(torch.randint(len(stats.insert_pool), (), generator=generator))])
     if not rows:
         return torch.zeros(0, vocab_size)

@@ -44,3 +44,15 @@ def test_collect_on_tiny_encoder_and_use_in_encode_text(tiny_model, tmp_path):
         assert feats.shape[-1] == enc.output_dim and lengths[0] > 0
     finally:
         enc.stats, enc.cps.matched_share = None, 0.0
+
+
+def test_simulated_insertions_follow_the_measured_rate_even_above_one_per_unit():
+    vocab = 4
+    stats = PosteriorStats(confusion=torch.cat([torch.eye(vocab), torch.zeros(vocab, 1)], 1), insert_rate=1.5,
+                           pools={}, insert_pool=torch.full((3, vocab), 0.25))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([1, 2, 3] * 200)
+    rows = simulate_matched_posteriors(ids, stats, vocab, g)
+    inserted = int((rows == 0.25).all(-1).sum())
+    assert abs(inserted / len(ids) - 1.5) < 0.15  # 600 units: the Poisson mean is within ~3 sd
+    assert (rows[:, 1:].argmax(-1) + 1 == 1).any()  # the units themselves are still there, as one-hots
