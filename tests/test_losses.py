@@ -1,0 +1,229 @@
+"""speechllm.losses: divergences against plain-Python loops, chunked lm_loss against the unchunked path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speechllm.losses import lm_loss, token_divergence
+
+N, D, V = 10, 8, 50
+
+
+def _softmax_row(row: list[float], temperature: float) -> list[float]:
+    scaled = [x / temperature for x in row]
+    top = max(scaled)
+    exps = [math.exp(x - top) for x in scaled]
+    return [e / sum(exps) for e in exps]
+
+
+def _kl_loop(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def _divergence_loop(teacher: torch.Tensor, student: torch.Tensor, direction: str, temperature: float) -> list:
+    out = []
+    for t_row, s_row in zip(teacher.tolist(), student.tolist()):
+        p_t, p_s = _softmax_row(t_row, temperature), _softmax_row(s_row, temperature)
+        if direction == "forward":
+            out.append(_kl_loop(p_t, p_s))
+        elif direction == "reverse":
+            out.append(_kl_loop(p_s, p_t))
+        else:
+            m = [(a + b) / 2 for a, b in zip(p_t, p_s)]
+            out.append(0.5 * _kl_loop(p_t, m) + 0.5 * _kl_loop(p_s, m))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+def test_token_divergence_matches_python_loops(direction, temperature):
+    torch.manual_seed(0)
+    teacher, student = torch.randn(3, 5) * 2, torch.randn(3, 5) * 2
+    got = token_divergence(teacher, student, direction=direction, temperature=temperature)
+    assert got.shape == (3,) and got.dtype == torch.float32
+    want = _divergence_loop(teacher, student, direction, temperature)
+    assert got.tolist() == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_token_divergence_identities():
+    torch.manual_seed(1)
+    teacher, student = torch.randn(6, 7), torch.randn(6, 7) * 3
+    assert torch.allclose(token_divergence(teacher, teacher), torch.zeros(6), atol=1e-6)
+    jsd = token_divergence(teacher, student, direction="jsd")
+    assert torch.allclose(jsd, token_divergence(student, teacher, direction="jsd"), atol=1e-6)
+    assert bool((jsd <= math.log(2) + 1e-6).all()) and bool((jsd > 0).all())
+    far_apart = torch.tensor([[100.0, 0.0], [0.0, 100.0]])  # disjoint supports: JSD -> log 2
+    assert token_divergence(far_apart[:1], far_apart[1:], direction="jsd").item() == pytest.approx(math.log(2))
+    assert torch.allclose(token_divergence(teacher, student, direction="reverse"),
+                          token_divergence(student, teacher, direction="forward"))
+
+
+def test_token_divergence_zero_probabilities_are_safe():
+    # -inf logits (e.g. a padded vocabulary) give p == 0: those terms are 0, never nan.
+    teacher = torch.tensor([[1.0, 2.0, -math.inf, 0.5]])
+    student = torch.tensor([[0.3, -1.0, -math.inf, 2.0]], requires_grad=True)
+    for direction in ("forward", "reverse", "jsd"):
+        got = token_divergence(teacher, student, direction=direction)
+        want = _divergence_loop(teacher[:, [0, 1, 3]], student.detach()[:, [0, 1, 3]], direction, 1.0)
+        assert got.tolist() == pytest.approx(want, rel=1e-5)
+    for direction in ("forward", "reverse"):
+        (grad,) = torch.autograd.grad(token_divergence(teacher, student, direction=direction).sum(), student)
+        assert bool(torch.isfinite(grad).all())
+
+
+def test_token_divergence_rejects_unknown_direction():
+    with pytest.raises(ValueError, match=r"'backward'.*forward.*reverse.*jsd"):
+        token_divergence(torch.zeros(1, 3), torch.zeros(1, 3), direction="backward")
+
+
+def _inputs(seed: int = 0, n: int = N):
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(D, V)  # trainable weight and bias
+    teacher_head = torch.nn.Linear(D, V, bias=False)
+    for p in teacher_head.parameters():
+        p.requires_grad_(False)
+    student = torch.randn(n, D, requires_grad=True)
+    teacher = torch.randn(n, D)
+    targets = torch.randint(0, V, (n,))
+    return head, teacher_head, student, teacher, targets
+
+
+def _values_and_grads(out: dict, student: torch.Tensor, head: torch.nn.Linear):
+    grads = torch.autograd.grad(out["loss"], [student, head.weight, head.bias])
+    return [out[k].detach() for k in ("loss", "ce", "kl")], grads
+
+
+@pytest.mark.parametrize("separate_teacher_head", [False, True])
+@pytest.mark.parametrize("direction,temperature", [("forward", 1.0), ("reverse", 2.0), ("jsd", 1.5)])
+def test_chunked_equals_unchunked(direction, temperature, separate_teacher_head):
+    head, teacher_head, student, teacher, targets = _inputs()
+    kwargs = dict(teacher_hidden=teacher, teacher_head=teacher_head if separate_teacher_head else None,
+                  alpha=0.3, direction=direction, temperature=temperature, scale_by_t2=True)
+    want_values, want_grads = _values_and_grads(lm_loss(student, head, targets, chunk_size=0, **kwargs),
+                                                student, head)
+    for chunk_size in (2, 3, 7):
+        out = lm_loss(student, head, targets, chunk_size=chunk_size, **kwargs)
+        assert out["n_tokens"].item() == N
+        values, grads = _values_and_grads(out, student, head)
+        for got, want in zip(values + list(grads), want_values + list(want_grads)):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), chunk_size
+
+
+def test_ce_matches_cross_entropy_and_kl_matches_divergence_of_full_logits():
+    head, teacher_head, student, teacher, targets = _inputs(seed=1)
+    out = lm_loss(student, head, targets, teacher_hidden=teacher, teacher_head=teacher_head, alpha=0.5,
+                  temperature=2.0, chunk_size=4)
+    assert out["ce"].item() == pytest.approx(F.cross_entropy(head(student), targets).item(), rel=1e-6)
+    # without scale_by_t2 the KL is the plain token mean at temperature 2
+    full = token_divergence(teacher_head(teacher), head(student), temperature=2.0).mean()
+    assert out["kl"].item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_teacher_side_gets_no_gradient_through_a_shared_head():
+    # teacher_head defaults to lm_head: the teacher logits are a fixed target, so the head weight's
+    # gradient is that of KL(stop_grad(teacher) || student) only.
+    head, _, student, teacher, targets = _inputs(seed=2)
+    teacher.requires_grad_(True)
+    out = lm_loss(student, head, targets, teacher_hidden=teacher, alpha=1.0, chunk_size=3)
+    got = torch.autograd.grad(out["loss"], [head.weight, student])
+    reference = token_divergence(head(teacher).detach(), head(student)).mean()
+    want = torch.autograd.grad(reference, [head.weight, student])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert teacher.grad is None
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_alpha_interpolates_kl_and_ce(alpha):
+    head, teacher_head, student, teacher, targets = _inputs(seed=3)
+    out = lm_loss(student, head, targets, teacher_hidden=teacher, teacher_head=teacher_head, alpha=alpha,
+                  chunk_size=4)
+    assert out["kl"].item() > 0 and out["ce"].item() > 0
+    want = alpha * out["kl"].item() + (1 - alpha) * out["ce"].item()
+    assert out["loss"].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_no_teacher_means_zero_kl_and_plain_ce():
+    head, _, student, _, targets = _inputs(seed=4)
+    calls = []
+    head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    out = lm_loss(student, head, targets, chunk_size=4)
+    assert out["kl"].item() == 0.0
+    assert out["loss"].item() == pytest.approx(out["ce"].item())
+    assert calls == [4, 4, 2]  # the head ran once per chunk: on student rows only, no teacher pass
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        lm_loss(student, head, targets, alpha=0.5)
+
+
+def test_scale_by_t2_multiplies_kl_by_temperature_squared():
+    head, teacher_head, student, teacher, targets = _inputs(seed=5)
+    kwargs = dict(teacher_hidden=teacher, teacher_head=teacher_head, alpha=1.0, temperature=2.0, chunk_size=4)
+    plain = lm_loss(student, head, targets, **kwargs)
+    scaled = lm_loss(student, head, targets, scale_by_t2=True, **kwargs)
+    assert scaled["kl"].item() == pytest.approx(4.0 * plain["kl"].item(), rel=1e-6)
+    assert scaled["ce"].item() == pytest.approx(plain["ce"].item())
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_no_positions_backpropagates_zeros(chunk_size):
+    head, teacher_head, _, _, _ = _inputs(seed=6)
+    hidden = torch.randn(2, 5, D, requires_grad=True)  # a batch where no position predicts a text token
+    none = torch.zeros(2, 5, dtype=torch.bool)
+    out = lm_loss(hidden[none], head, torch.zeros(0, dtype=torch.long), teacher_hidden=torch.randn(0, D),
+                  teacher_head=teacher_head, alpha=0.5, chunk_size=chunk_size)
+    assert [out[k].item() for k in ("loss", "ce", "kl", "n_tokens")] == [0.0, 0.0, 0.0, 0]
+    out["loss"].backward()
+    assert hidden.grad is not None and not hidden.grad.any()
+    assert head.weight.grad is not None and not head.weight.grad.any()
+
+
+def test_chunked_forward_keeps_no_logits_for_backward():
+    # What autograd saves outside the checkpoints is the whole memory story: with chunking no tensor of
+    # vocabulary width survives the forward; without it, (N, V) tensors do.
+    head, teacher_head, student, teacher, targets = _inputs(seed=7)
+
+    def largest_saved(chunk_size: int) -> int:
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lm_loss(student, head, targets, teacher_hidden=teacher, teacher_head=teacher_head, alpha=0.5,
+                    chunk_size=chunk_size)
+        return max(sizes, default=0)
+
+    assert largest_saved(0) >= N * V
+    assert largest_saved(3) < V
+
+
+def test_bf16_autocast_gives_float32_results_close_to_float32():
+    head, teacher_head, student, teacher, targets = _inputs(seed=8)
+    kwargs = dict(teacher_hidden=teacher, teacher_head=teacher_head, alpha=0.5, chunk_size=4)
+    reference = lm_loss(student, head, targets, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lm_loss(student, head, targets, **kwargs)
+    for key in ("loss", "ce", "kl"):
+        assert out[key].dtype == torch.float32
+        assert out[key].item() == pytest.approx(reference[key].item(), rel=0.05)
+    (grad,) = torch.autograd.grad(out["loss"], student)
+    assert grad.dtype == torch.float32 and bool(torch.isfinite(grad).all())
+
+
+def test_bad_inputs_name_the_field():
+    head, _, student, teacher, targets = _inputs(seed=9)
+    with pytest.raises(ValueError, match="targets"):
+        lm_loss(student, head, targets[:-1])
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        lm_loss(student, head, targets, teacher_hidden=teacher[:-1], alpha=0.5)
+    with pytest.raises(ValueError, match="'sideways'"):
+        lm_loss(student, head, targets, teacher_hidden=teacher, alpha=0.5, direction="sideways")
+    with pytest.raises(ValueError, match="alpha"):
+        lm_loss(student, head, targets, teacher_hidden=teacher, alpha=1.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lm_loss(student, head, targets, chunk_size=-1)
