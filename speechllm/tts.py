@@ -1,13 +1,15 @@
 """Offline text-to-speech behind one interface.
 
 A voice is named by a spec ``"ENGINE:VOICE[,key=value...]"``, e.g. ``"espeak-ng:en-us+m3"``,
-``"espeak-ng:en-gb,speed=150,pitch=40"``, ``"flite:slt"``, ``"festival:slt-hts"``, ``"piper:joe"``;
-``get_voice(spec)`` builds it and ``voice.name`` gives the spec back, which is what manifests record
-as the speaker.
+``"espeak-ng:en-gb,speed=150,pitch=40"``, ``"flite:slt"``, ``"festival:slt-hts"``, ``"piper:joe"``,
+``"transformers:facebook/mms-tts-eng,seed=1"``; ``get_voice(spec)`` builds it and ``voice.name`` gives
+the spec back, which is what manifests record as the speaker.
 
 espeak-ng, flite and festival are Debian programs under licences we must not link into this
 Apache-2.0 code (espeak-ng is GPL-3.0+), so they are always run as separate processes. Piper is a
 Python package (GPL-3.0) and stays an optional extra, imported only when a Piper voice is built.
+The ``transformers`` engine runs neural TTS checkpoints (VITS/MMS-TTS, SpeechT5) for users with Hub
+access or local copies.
 Every engine has its own native rate (22.05, 16 or 32 kHz); ``resample`` brings audio to the 16 kHz
 the speech encoders expect.
 """
@@ -24,7 +26,7 @@ import subprocess
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import soundfile as sf
@@ -120,6 +122,7 @@ class TTSVoice(ABC):
 
     engine: ClassVar[str]
     voices: ClassVar[tuple[str, ...]]  # known voice names, () when the engine accepts any
+    options: ClassVar[dict[str, type]] = {}  # the spec's `key=value` options and their types
 
     def __init__(self, voice: str) -> None:
         if self.voices and voice not in self.voices:
@@ -139,6 +142,11 @@ class TTSVoice(ABC):
             raise ValueError("cannot synthesise empty text")
         return self._synthesize(text)
 
+    def synthesize_many(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        """Synthesise each text as its own utterance, in order. Engines that pay a start-up cost per
+        call (festival) override this to pay it once."""
+        return [self.synthesize(text) for text in texts]
+
     @abstractmethod
     def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
         """Synthesise already-normalised, non-empty text."""
@@ -152,6 +160,7 @@ class EspeakVoice(TTSVoice):
 
     engine = "espeak-ng"
     voices = ()
+    options: ClassVar[dict[str, type]] = {"speed": int, "pitch": int}
     DEFAULT_SPEED, DEFAULT_PITCH = 175, 50  # espeak-ng's own: words per minute, 0-99
 
     def __init__(
@@ -203,10 +212,30 @@ class FliteVoice(TTSVoice):
             )
 
 
-class FestivalVoice(TTSVoice):
-    """festival's ``text2wave``: ``kal`` (diphone, 16 kHz) or ``slt-hts`` (HTS, 32 kHz).
+# Speaks many texts in one festival process, each exactly as `text2wave` would (same samples):
+# `tts_file` splits a text file into utterances, synthesises each, and their waves are joined.
+_FESTIVAL_SPEAK_FILE = """
+(define (speak_file in out)
+  (let ((whole nil))
+    (set! tts_hooks
+      (list utt.synth
+            (lambda (utt)
+              (if whole (wave.append whole (utt.wave utt)) (set! whole (utt.wave utt)))
+              utt)))
+    (tts_file in nil)
+    (wave.save whole out 'riff)))
+"""
 
-    Each call starts festival afresh (~0.5 s), which dominates short clips.
+
+def _scheme_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class FestivalVoice(TTSVoice):
+    """festival: ``kal`` (diphone, 16 kHz) or ``slt-hts`` (HTS, 32 kHz).
+
+    Starting festival takes ~0.5 s, which dominates short clips, so ``synthesize_many`` speaks all
+    its texts in one process (as many utterances; the audio is what ``text2wave`` makes of each).
     """
 
     engine = "festival"
@@ -224,7 +253,7 @@ class FestivalVoice(TTSVoice):
 
     def __init__(self, voice: str = "slt-hts") -> None:
         super().__init__(voice)
-        self.program = _require_program("text2wave", "festival")
+        self.program = _require_program("festival", "festival")
         self.function, folder, package = self._installed[voice]
         if not (self.voice_root / folder).is_dir():
             raise TTSUnavailableError(
@@ -232,15 +261,41 @@ class FestivalVoice(TTSVoice):
             )
 
     def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        # festival (kal) segfaults when an utterance holds only punctuation ("... hello", "Hello! ...
-        # world", "!!!"); punctuation-only tokens are silent anyway, so leave them out
-        words = [word for word in text.split() if any(c.isalnum() for c in word)]
-        if not words:
-            raise ValueError(f"nothing festival can say in {text!r}")
+        return self.synthesize_many([text])[0]
+
+    def synthesize_many(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        sayable = []
+        for text in texts:
+            # festival (kal) segfaults when an utterance holds only punctuation ("... hello", "Hello!
+            # ... world", "!!!"); punctuation-only tokens are silent anyway, so leave them out
+            words = [word for word in normalize_text(text).split() if any(c.isalnum() for c in word)]
+            if not words:
+                raise ValueError(f"nothing festival can say in {text!r}")
+            sayable.append(" ".join(words))
+        if not sayable:
+            return []
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out.wav"
-            cmd = [self.program, "-eval", f"({self.function})", "-o", str(out)]
-            return _run_to_wav(cmd, " ".join(words), out)
+            # texts go through files, never through Scheme source: no quoting to get wrong
+            script = ['(load (path-append datadir "init.scm"))', f"({self.function})", _FESTIVAL_SPEAK_FILE]
+            for i, text in enumerate(sayable):
+                (Path(tmp) / f"{i}.txt").write_text(text, encoding="utf-8")
+                paths = (_scheme_string(str(Path(tmp) / f"{i}{ext}")) for ext in (".txt", ".wav"))
+                script.append(f"(speak_file {' '.join(paths)})")
+            (Path(tmp) / "speak.scm").write_text("\n".join(script) + "\n", encoding="utf-8")
+            proc = subprocess.run(
+                [self.program, "--script", str(Path(tmp) / "speak.scm")], capture_output=True, text=True
+            )
+            results = []
+            for i, text in enumerate(sayable):
+                out = Path(tmp) / f"{i}.wav"
+                # festival reports Scheme errors on stderr but still exits 0, so check every file
+                if not out.exists() or out.stat().st_size <= 44:
+                    raise RuntimeError(
+                        f"festival failed on {text!r} (exit {proc.returncode}): "
+                        f"{proc.stderr.strip()[-500:] or 'no audio'}"
+                    )
+                results.append(_read_mono(out))
+            return results
 
 
 class PiperVoice(TTSVoice):
@@ -273,41 +328,142 @@ class PiperVoice(TTSVoice):
         return np.concatenate(chunks).astype(np.float32), self._model.config.sample_rate
 
 
+def _load_xvector(path: str, dim: int) -> torch.Tensor:
+    """A fixed speaker x-vector of ``dim`` numbers from a ``.npy`` or ``.pt`` file, as a (1, dim) row."""
+    if path.endswith(".npy"):
+        vector = torch.from_numpy(np.load(path))
+    elif path.endswith(".pt"):
+        vector = torch.load(path, weights_only=True)
+    else:
+        raise ValueError(f"speaker x-vector {path!r}: expected a .npy or .pt file")
+    if not isinstance(vector, torch.Tensor) or vector.numel() != dim:
+        shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
+        raise ValueError(f"speaker x-vector {path!r}: expected {dim} numbers, got {shape}")
+    return vector.float().reshape(1, dim)
+
+
+class TransformersVoice(TTSVoice):
+    """A transformers TTS checkpoint, by Hub id or local folder: VITS (MMS-TTS) or SpeechT5.
+
+    ``"transformers:facebook/mms-tts-eng"``; SpeechT5 needs its vocoder and speaks with one fixed
+    x-vector (zeros without ``speaker``): ``"transformers:microsoft/speecht5_tts,
+    vocoder=microsoft/speecht5_hifigan,speaker=xvector.npy"``. VITS samples noise and durations, so each
+    call is seeded from ``seed`` (in a forked RNG, leaving the caller's random state alone): the same text
+    always gives the same audio. Runs on the CPU.
+    """
+
+    engine = "transformers"
+    voices = ()
+    options: ClassVar[dict[str, type]] = {"vocoder": str, "speaker": str, "seed": int}
+    model_types = ("vits", "speecht5")
+
+    def __init__(self, voice: str, vocoder: str = "", speaker: str = "", seed: int = 0) -> None:
+        super().__init__(voice)
+        import transformers  # heavy: only when such a voice is built
+
+        self.vocoder_id, self.speaker_path, self.seed = vocoder, speaker, int(seed)
+        config = self._load(transformers.AutoConfig, voice)
+        self.model_type = config.model_type
+        if self.model_type not in self.model_types:
+            raise ValueError(
+                f"transformers voice {voice!r} is a {self.model_type!r} model; "
+                f"TTS model types handled: {', '.join(self.model_types)}"
+            )
+        is_speecht5 = self.model_type == "speecht5"
+        if is_speecht5 and not vocoder:
+            raise ValueError(
+                f"transformers voice {voice!r} is SpeechT5: add vocoder=<SpeechT5HifiGan id or path>"
+            )
+        if not is_speecht5 and (vocoder or speaker):
+            raise ValueError(
+                f"transformers voice {voice!r} is {self.model_type}: vocoder and speaker are SpeechT5 options"
+            )
+        self.tokenizer = self._load(transformers.AutoTokenizer, voice)
+        if is_speecht5:
+            self.model = self._load(transformers.SpeechT5ForTextToSpeech, voice).eval()
+            self.vocoder = self._load(transformers.SpeechT5HifiGan, vocoder).eval()
+            self.sample_rate = self.vocoder.config.sampling_rate
+            self.xvector = (
+                _load_xvector(speaker, config.speaker_embedding_dim)
+                if speaker
+                else torch.zeros(1, config.speaker_embedding_dim)
+            )
+        else:
+            self.model = self._load(transformers.VitsModel, voice).eval()
+            self.sample_rate = config.sampling_rate
+
+    @staticmethod
+    def _load(cls: type, name: str) -> Any:
+        try:
+            return cls.from_pretrained(name)
+        except OSError as err:  # neither a local folder nor in the Hub cache, and no Hub access
+            raise TTSUnavailableError(f"cannot load {cls.__name__} from {name!r}: {err}") from err
+
+    @property
+    def name(self) -> str:
+        name = super().name
+        for key, value, default in (
+            ("vocoder", self.vocoder_id, ""),
+            ("speaker", self.speaker_path, ""),
+            ("seed", self.seed, 0),
+        ):
+            if value != default:
+                name += f",{key}={value}"
+        return name
+
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        input_ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        if not (input_ids != self.tokenizer.pad_token_id).any():
+            raise ValueError(f"the tokenizer of {self.voice!r} keeps nothing of {text!r}")
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.model_type == "vits":
+                wav = self.model(input_ids=input_ids).waveform[0]
+            else:
+                wav = self.model.generate_speech(input_ids, self.xvector, vocoder=self.vocoder)
+        return wav.float().numpy(), self.sample_rate
+
+
 ENGINES: dict[str, type[TTSVoice]] = {
-    cls.engine: cls for cls in (EspeakVoice, FliteVoice, FestivalVoice, PiperVoice)
+    cls.engine: cls
+    for cls in (EspeakVoice, FliteVoice, FestivalVoice, PiperVoice, TransformersVoice)
 }
 
 
 def get_voice(spec: str) -> TTSVoice:
     """Build the voice named by ``"ENGINE:VOICE[,key=value...]"``.
 
-    Raises ``ValueError`` for a malformed spec or unknown voice and ``TTSUnavailableError`` (naming
-    the apt or pip package to install) when the engine or voice is missing here.
+    ENGINE ends at the first ':' and options start at the first ',', so VOICE may hold '/' and ':'
+    (a Hub id or a local path for ``transformers``) but no ','. Raises ``ValueError`` for a malformed
+    spec or unknown voice and ``TTSUnavailableError`` (naming the apt or pip package to install) when
+    the engine or voice is missing here.
     """
     engine, sep, rest = spec.partition(":")
     if not sep or engine not in ENGINES:
         raise ValueError(
             f"bad voice spec {spec!r}: expected ENGINE:VOICE with ENGINE in {sorted(ENGINES)}"
         )
+    cls = ENGINES[engine]
     voice, *options = rest.split(",")
-    kwargs: dict[str, int] = {}
+    kwargs: dict[str, int | str] = {}
     for option in options:
         key, eq, value = option.partition("=")
-        if not eq or not value.lstrip("-").isdigit():
-            raise ValueError(f"bad option {option!r} in voice spec {spec!r}: expected key=INTEGER")
-        kwargs[key] = int(value)
-    try:
-        return ENGINES[engine](voice, **kwargs)
-    except TypeError as err:  # an option this engine does not take
-        raise ValueError(f"bad voice spec {spec!r}: {err}") from err
+        if not eq or not value:
+            raise ValueError(f"bad option {option!r} in voice spec {spec!r}: expected key=VALUE")
+        if key not in cls.options:
+            takes = ", ".join(f"{k}=<{t.__name__}>" for k, t in cls.options.items()) or "no options"
+            raise ValueError(f"bad voice spec {spec!r}: {engine} has no option {key!r} (it takes {takes})")
+        if cls.options[key] is int and not value.lstrip("-").isdigit():
+            raise ValueError(f"bad option {option!r} in voice spec {spec!r}: {key} must be an integer")
+        kwargs[key] = cls.options[key](value)
+    return cls(voice, **kwargs)
 
 
 def available_engines() -> list[str]:
-    """Engines whose program (or Python package, for Piper) is installed here."""
-    programs = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave"}
+    """Engines whose program (or Python package, for Piper and transformers) is installed here."""
+    programs = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival"}
     found = [engine for engine, program in programs.items() if shutil.which(program)]
-    if importlib.util.find_spec("piper") is not None:
-        found.append("piper")
+    found += [engine for engine in ("piper", "transformers") if importlib.util.find_spec(engine)]
     return found
 
 
@@ -320,7 +476,12 @@ def synthesize_to_file(
     never leaves a truncated wav that a resumed run would mistake for a finished one.
     """
     wav, sr = voice.synthesize(text)
-    wav = np.clip(resample(wav, sr, sample_rate), -1.0, 1.0)  # PCM_16 would wrap, not clip, above 1
+    return write_wav(path, resample(wav, sr, sample_rate), sample_rate)
+
+
+def write_wav(path: str | Path, wav: np.ndarray, sample_rate: int) -> float:
+    """Write a 16-bit PCM mono wav atomically (to ``<path>.part``, then renamed); return its duration."""
+    wav = np.clip(wav, -1.0, 1.0)  # PCM_16 would wrap, not clip, above 1
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -341,8 +502,7 @@ def synthesize_spans(
     pass one word per span when word-level boundaries are needed.
     """
     pieces, segments, start = [], [], 0
-    for span in spans:
-        wav, sr = voice.synthesize(span)
+    for span, (wav, sr) in zip(spans, voice.synthesize_many(spans), strict=True):
         wav = resample(wav, sr, sample_rate)
         end = start + len(wav)
         segments.append(

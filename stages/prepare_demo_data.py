@@ -2,15 +2,28 @@
 
 Outputs under ``out_dir``::
 
-    text/train.jsonl                       {"id", "text", "topic"}  (text-only corpus)
-    speech/{train,dev,test}.jsonl          {"id", "audio", "duration", "text", "speaker", "topic"}
-    speech/wav/<split>/<id>.wav            16 kHz, 16-bit PCM mono
+    text/train.jsonl                   {"id", "text", "topic"}  (text-only corpus)
+    speech/{train,dev,test}.jsonl      {"id", "audio", "duration", "text", "speaker", "topic"}
+    speech/wav/<split>/<id>.wav        16 kHz, 16-bit PCM mono
+    docs/pool.jsonl                    {"id", "text", "topic", "n_words"}  (training documents)
+    docs/{train,dev,test}.jsonl        speech fields + "words" (one exact span per chunk), "doc", "topic",
+                                       "n_words"
+    docs/wav/<split>/<id>.wav
+    mc/test.jsonl                      speech fields (the spoken context) + "topic", "options", "answer"
+    mc/wav/<id>.wav
     summary.json
 
 Texts are split into train/dev/test by a seeded hash of their normalised form, so a sentence (or a
 near-duplicate differing only in case and punctuation) lands in one split only. dev/test speech
 uses held-out voices never heard in training. An item's id hashes its text and voice, so a wav on
 disk is always the right one: re-runs skip finished wavs, and a killed run resumes where it stopped.
+
+Documents are consecutive fortunes of one topic and one split (in a seeded order) joined into texts of
+40-80 words. The training ones form the pool, the broad text pool of SALAD stage II; a sample of the
+pool (and documents built the same way from dev/test fortunes) is spoken chunk by chunk (3-6 words,
+seeded sizes), so each manifest row's ``words`` holds exact chunk boundaries. The multiple-choice set
+is a spoken StoryCloze-like test: the first words of a test fortune are spoken, and the true rest must
+be told from three rests of other test fortunes of similar length.
 
     python -m stages.prepare_demo_data data/demo [--scale demo|full] [--seed 0] [--workers 2]
 """
@@ -26,23 +39,14 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
+from typing import TypeVar
 
-import soundfile as sf
-from tqdm import tqdm
-
-from speechllm.tts import (
-    SAMPLE_RATE,
-    TTSUnavailableError,
-    TTSVoice,
-    get_voice,
-    normalize_text,
-    synthesize_to_file,
-)
+from datamodules.manifest import write_manifest
+from speechllm.synthesis import SynthesisItem, chunk_words, manifest_rows, synthesize_items
+from speechllm.tts import TTSUnavailableError, get_voice, normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +62,35 @@ TRAIN_VOICES = (
     "festival:kal",
 )
 HELDOUT_VOICES = ("flite:slt", "festival:slt-hts")
+# clips per set: speech/<split>, docs/<split> (spoken documents) and mc/test (questions)
 SCALES = {
-    "demo": {"train": 1500, "dev": 100, "test": 100},
-    "full": {"train": 6000, "dev": 200, "test": 300},
+    "demo": {
+        "speech": {"train": 1500, "dev": 100, "test": 100},
+        "docs": {"train": 300, "dev": 40, "test": 40},
+        "mc": 60,
+    },
+    "full": {
+        "speech": {"train": 6000, "dev": 200, "test": 300},
+        "docs": {"train": 1500, "dev": 100, "test": 100},
+        "mc": 200,
+    },
 }
 SPLITS = ("train", "dev", "test")
+DOC_WORDS = (40, 80)  # a document's length in words
+DOC_ENTRY_WORDS = (4, 60)  # the fortunes documents are made of (at most DOC_WORDS[1] - DOC_WORDS[0])
+CHUNK_WORDS = (3, 6)  # a spoken document's chunks
+MC_CONTEXT_WORDS, MC_REST_WORDS, MC_OPTIONS = 5, 3, 4  # at least, at least, exactly
 
 # Plain prose only: brackets, slashes, '@', '$', '*' ... mark code, IRC logs or ASCII art, which TTS
 # reads badly (espeak-ng even takes "[[...]]" as phoneme input).
 _SPEAKABLE = re.compile(r"[A-Za-z0-9 .,;:!?'\"()\-]+")
+
+T = TypeVar("T")
+
+
+def text_key(text: str) -> str:
+    """Case- and punctuation-blind form of a text."""
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
 
 
 @dataclass(frozen=True)
@@ -77,7 +101,7 @@ class Entry:
     @property
     def key(self) -> str:
         """Case- and punctuation-blind form: what dedup and the split hash look at."""
-        return " ".join(re.sub(r"[^a-z0-9]+", " ", self.text.lower()).split())
+        return text_key(self.text)
 
     @property
     def n_words(self) -> int:
@@ -85,18 +109,37 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class Item:
-    """One clip to synthesise."""
+class Document:
+    """Consecutive fortunes of one topic and one split, joined with spaces."""
 
-    id: str
-    split: str
-    entry: Entry
-    speaker: str
+    entries: tuple[Entry, ...]
 
     @property
-    def audio(self) -> str:
-        """The wav's path relative to the manifests' folder."""
-        return f"wav/{self.split}/{self.id}.wav"
+    def text(self) -> str:
+        return " ".join(e.text for e in self.entries)
+
+    @property
+    def topic(self) -> str:
+        return self.entries[0].topic
+
+    @property
+    def n_words(self) -> int:
+        return sum(e.n_words for e in self.entries)
+
+    @property
+    def id(self) -> str:
+        return "doc-" + hashlib.sha1(self.text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class SpokenSet:
+    """One manifest of synthesised speech, ``<folder>/<split>.jsonl``: its items (audio paths relative
+    to the folder) and each item's extra manifest fields (at least ``topic``)."""
+
+    folder: str
+    split: str
+    items: list[SynthesisItem]
+    extra: dict[str, dict]
 
 
 def clean_fortune(raw: str) -> str | None:
@@ -165,36 +208,6 @@ def _resolve_voices(specs: Iterable[str], role: str) -> list[str]:
     return found
 
 
-def _existing_duration(path: Path) -> float | None:
-    """Duration of a finished wav, or None if it is missing or not a valid 16 kHz mono file."""
-    try:
-        info = sf.info(path)
-    except sf.SoundFileError:  # missing or not a sound file
-        return None
-    if info.samplerate != SAMPLE_RATE or info.channels != 1 or info.frames == 0:
-        return None
-    return info.frames / info.samplerate
-
-
-_worker_voices: dict[str, TTSVoice] = {}
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one process per core already; threads would only contend
-
-
-def _synthesize(speaker: str, text: str, path: str) -> float:
-    """Runs in a worker: build each voice once per process, then synthesise one clip."""
-    if speaker not in _worker_voices:
-        _worker_voices[speaker] = get_voice(speaker)
-    try:
-        return synthesize_to_file(_worker_voices[speaker], text, path)
-    except Exception as err:  # name the clip: the traceback from a worker process does not
-        raise RuntimeError(f"{speaker} failed on {text!r}: {err}") from err
-
-
 def _write_atomic(path: Path, text: str) -> None:
     """Write, then rename: readers (and resumed runs) never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,85 +216,147 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+def _digest(*parts: str) -> str:
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12]
 
 
-def _plan_split(
-    split: str, candidates: list[Entry], n: int, voices: list[str], seed: int
-) -> list[Item]:
-    """Pick ``n`` entries at random and deal the voices out in turn: equal shares per voice."""
+def _sample(candidates: Sequence[T], n: int, seed: str, what: str) -> list[T]:
+    """``n`` of ``candidates`` at random (all of them, with a warning, when there are fewer)."""
     if n > len(candidates):
-        log.warning(
-            "%s: asked for %d clips but only %d texts qualify; using %d",
-            split,
-            n,
-            len(candidates),
-            len(candidates),
-        )
+        log.warning("%s: asked for %d but only %d qualify; using %d", what, n, len(candidates), len(candidates))
         n = len(candidates)
-    chosen = random.Random(f"{seed}/{split}").sample(candidates, n)
-    items = []
-    for i, entry in enumerate(chosen):
+    return random.Random(seed).sample(list(candidates), n)
+
+
+def _plan_speech(split: str, candidates: list[Entry], n: int, voices: list[str], seed: int) -> SpokenSet:
+    """Pick ``n`` entries at random and deal the voices out in turn: equal shares per voice."""
+    items, extra = [], {}
+    for i, entry in enumerate(_sample(candidates, n, f"{seed}/{split}", f"speech {split}")):
         speaker = voices[i % len(voices)]
-        digest = hashlib.sha1(f"{speaker}\n{entry.text}".encode()).hexdigest()[:12]
-        items.append(Item(f"{split}-{digest}", split, entry, speaker))
-    return items
+        item_id = f"{split}-{_digest(speaker, entry.text)}"
+        items.append(SynthesisItem(item_id, entry.text, speaker, audio=f"wav/{split}/{item_id}.wav"))
+        extra[item_id] = {"topic": entry.topic}
+    return SpokenSet("speech", split, items, extra)
 
 
-def _synthesize_split(
-    items: list[Item],
-    speech_dir: Path,
+def build_documents(entries: list[Entry], seed: str, words: tuple[int, int] = DOC_WORDS) -> list[Document]:
+    """Documents of ``words[0]``-``words[1]`` words from consecutive entries of one topic.
+
+    Each topic's entries are shuffled (seeded by ``seed`` and the topic) and taken in turn; a document
+    closes as soon as it reaches ``words[0]`` words. An entry that would push it past ``words[1]`` is a
+    document on its own if it is long enough, and is left out otherwise, as is each topic's remainder.
+    """
+    lo, hi = words
+    if too_long := [e.text for e in entries if e.n_words > hi]:
+        raise ValueError(f"entries longer than a document ({hi} words): {too_long[:3]}")
+    by_topic: dict[str, list[Entry]] = {}
+    for entry in entries:
+        by_topic.setdefault(entry.topic, []).append(entry)
+    documents = []
+    for topic in sorted(by_topic):
+        order = by_topic[topic]
+        random.Random(f"{seed}/{topic}").shuffle(order)
+        current: list[Entry] = []
+        for entry in order:
+            n_words = sum(e.n_words for e in current)
+            if n_words + entry.n_words > hi:
+                if entry.n_words >= lo:
+                    documents.append(Document((entry,)))
+                continue
+            current.append(entry)
+            if n_words + entry.n_words >= lo:
+                documents.append(Document(tuple(current)))
+                current = []
+    return documents
+
+
+def _plan_docs(split: str, documents: list[Document], n: int, voices: list[str], seed: int) -> SpokenSet:
+    """Sample ``n`` documents and speak each chunk by chunk, dealing the voices out in turn."""
+    items, extra = [], {}
+    for i, doc in enumerate(_sample(documents, n, f"{seed}/docs/{split}", f"docs {split}")):
+        speaker = voices[i % len(voices)]
+        chunks = chunk_words(doc.text, CHUNK_WORDS, random.Random(f"{seed}/chunks/{doc.id}"))
+        item_id = f"docs-{split}-{_digest(speaker, *chunks)}"
+        items.append(SynthesisItem(item_id, doc.text, speaker, chunks, audio=f"wav/{split}/{item_id}.wav"))
+        extra[item_id] = {"doc": doc.id, "topic": doc.topic, "n_words": doc.n_words}
+    return SpokenSet("docs", split, items, extra)
+
+
+def split_for_continuation(entry: Entry, rng: random.Random) -> tuple[str, str]:
+    """(context, rest) of an entry cut at a word boundary: at least ``MC_CONTEXT_WORDS`` and
+    ``MC_REST_WORDS`` words. The cut follows a sentence or clause end where one falls in range."""
+    words = entry.text.split()
+    cuts = list(range(MC_CONTEXT_WORDS, len(words) - MC_REST_WORDS + 1))
+    if not cuts:
+        raise ValueError(f"{entry.text!r} is too short to split into a context and a rest")
+    natural = [k for k in cuts if words[k - 1][-1] in ".!?;:"]
+    cut = rng.choice(natural or cuts)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def _plan_mc(entries: list[Entry], n: int, voices: list[str], seed: int) -> SpokenSet:
+    """Spoken multiple-choice continuations of test ``entries``: options are the true rest and the
+    rests of the ``MC_OPTIONS - 1`` other entries most like it (the same capitalisation of the first
+    letter, so a sentence start gives nothing away; then the closest length; seeded ties), shuffled."""
+    parts = {e: split_for_continuation(e, random.Random(f"{seed}/mc-cut/{e.key}")) for e in entries}
+    if n and len(different := {text_key(rest) for _, rest in parts.values()}) < MC_OPTIONS:
+        raise RuntimeError(
+            f"mc: needs {MC_OPTIONS} test fortunes with different rests, found {len(different)}"
+        )
+    items, extra = [], {}
+    for i, entry in enumerate(_sample(entries, n, f"{seed}/mc", "mc test")):
+        context, rest = parts[entry]
+        rng = random.Random(f"{seed}/mc-options/{entry.key}")
+        others = [r for e, (_, r) in parts.items() if e != entry]
+        rng.shuffle(others)
+        others.sort(key=lambda r: (r[0].isupper() != rest[0].isupper(), abs(len(r.split()) - len(rest.split()))))
+        options, keys = [rest], {text_key(rest)}
+        for other in others:
+            if len(options) == MC_OPTIONS:
+                break
+            if text_key(other) not in keys:
+                options.append(other)
+                keys.add(text_key(other))
+        rng.shuffle(options)
+        speaker = voices[i % len(voices)]
+        item_id = f"mc-{_digest(speaker, context, rest)}"
+        items.append(SynthesisItem(item_id, context, speaker))
+        extra[item_id] = {"topic": entry.topic, "options": options, "answer": options.index(rest)}
+    return SpokenSet("mc", "test", items, extra)
+
+
+def _speak(
+    out_dir: Path,
+    spoken: SpokenSet,
     workers: int,
     progress: bool,
-    on_item: Callable[[Item], None] | None,
-) -> tuple[dict[str, float], int]:
-    """Durations of every item's wav, synthesising those not on disk yet; also how many were new."""
-    durations: dict[str, float] = {}
-    todo = []
-    for item in items:
-        duration = _existing_duration(speech_dir / item.audio)
-        if duration is None:
-            todo.append(item)
-        else:
-            durations[item.id] = duration
-    if not todo:
-        return durations, 0
-    bar = tqdm(total=len(todo), desc=f"tts {items[0].split}", unit="clip", disable=not progress)
+    on_item: Callable[[SynthesisItem], None] | None,
+) -> dict:
+    """Synthesise a set (resuming), write its manifest and return its summary."""
+    new = []
 
-    def done(item: Item, duration: float) -> None:
-        durations[item.id] = duration
-        bar.update()
+    def count(item: SynthesisItem) -> None:
+        new.append(item.id)
         if on_item is not None:
             on_item(item)
 
-    try:
-        if workers <= 1:  # in this process: simplest to debug, and what the tests patch
-            for item in todo:
-                done(item, _synthesize(item.speaker, item.entry.text, str(speech_dir / item.audio)))
-        else:
-            # spawn, not fork: forking a process that has run torch's OpenMP threads can hang the child
-            pool = ProcessPoolExecutor(
-                workers, mp_context=get_context("spawn"), initializer=_init_worker
-            )
-            try:
-                futures: dict[Future, Item] = {
-                    pool.submit(
-                        _synthesize, it.speaker, it.entry.text, str(speech_dir / it.audio)
-                    ): it
-                    for it in todo
-                }
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        done(futures[future], future.result())
-            finally:
-                # on an error or Ctrl-C stop at once: queued clips would only be redone on resume
-                pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        bar.close()
-    return durations, len(todo)
+    start = time.perf_counter()
+    results = synthesize_items(
+        spoken.items, out_dir / spoken.folder, workers=workers, progress=progress, on_item=count,
+        desc=f"tts {spoken.folder}/{spoken.split}",
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    write_manifest(
+        out_dir / spoken.folder / f"{spoken.split}.jsonl", manifest_rows(spoken.items, results, spoken.extra)
+    )
+    return {
+        "clips": len(spoken.items),
+        "synthesized": len(new),
+        "synthesis_seconds": seconds if new else 0.0,
+        "hours": sum(r["duration"] for r in results.values()) / 3600,
+        "voices": dict(Counter(it.voice for it in spoken.items)),
+        "topics": dict(Counter(spoken.extra[it.id]["topic"] for it in spoken.items)),
+    }
 
 
 def prepare_demo_data(
@@ -293,6 +368,8 @@ def prepare_demo_data(
     n_train: int | None = None,
     n_dev: int | None = None,
     n_test: int | None = None,
+    n_docs: tuple[int, int, int] | None = None,
+    n_mc: int | None = None,
     train_voices: Iterable[str] = TRAIN_VOICES,
     heldout_voices: Iterable[str] = HELDOUT_VOICES,
     fortunes_dir: str | Path = FORTUNES_DIR,
@@ -302,23 +379,26 @@ def prepare_demo_data(
     dev_fraction: float = 0.05,
     test_fraction: float = 0.05,
     progress: bool = True,
-    on_item: Callable[[Item], None] | None = None,
+    on_item: Callable[[SynthesisItem], None] | None = None,
 ) -> dict:
     """Build the demo corpus under ``out_dir`` (see the module docstring) and return its summary.
 
-    ``scale`` picks the clip counts (``SCALES``); ``n_train``/``n_dev``/``n_test`` override them.
-    ``speech_words`` and ``text_words`` are inclusive word-count ranges for the spoken clips and for
-    the text-only corpus. ``workers`` processes synthesise in parallel (1: in this process).
-    ``on_item`` is called after each newly synthesised clip.
+    ``scale`` picks the clip counts (``SCALES``); ``n_train``/``n_dev``/``n_test`` (speech clips),
+    ``n_docs`` (spoken documents per split) and ``n_mc`` (questions) override them. ``speech_words``
+    and ``text_words`` are inclusive word-count ranges for the spoken clips and for the text-only
+    corpus. ``workers`` processes synthesise in parallel (1: in this process). ``on_item`` is called
+    after each newly synthesised clip.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose from {sorted(SCALES)}")
-    counts = {**SCALES[scale]}
+    counts = {**SCALES[scale]["speech"]}
     counts.update(
         {k: v for k, v in (("train", n_train), ("dev", n_dev), ("test", n_test)) if v is not None}
     )
+    doc_counts = dict(zip(SPLITS, n_docs, strict=True)) if n_docs is not None else SCALES[scale]["docs"]
+    mc_count = n_mc if n_mc is not None else SCALES[scale]["mc"]
 
     voices = {"train": _resolve_voices(train_voices, "training")}
     voices["dev"] = voices["test"] = _resolve_voices(heldout_voices, "held-out")
@@ -330,62 +410,63 @@ def prepare_demo_data(
     by_split: dict[str, list[Entry]] = {split: [] for split in SPLITS}
     for entry in entries:
         by_split[split_of(entry, seed, dev_fraction, test_fraction)].append(entry)
+    train_keys = {e.key for e in by_split["train"]}
 
     text_train = [e for e in by_split["train"] if text_words[0] <= e.n_words <= text_words[1]]
-    _write_jsonl(
+    write_manifest(
         out_dir / "text" / "train.jsonl",
-        (
-            {"id": f"text-{i:06d}", "text": e.text, "topic": e.topic}
-            for i, e in enumerate(text_train)
-        ),
+        [{"id": f"text-{i:06d}", "text": e.text, "topic": e.topic} for i, e in enumerate(text_train)],
     )
 
-    speech_dir = out_dir / "speech"
+    documents = {
+        split: build_documents(
+            [e for e in by_split[split] if DOC_ENTRY_WORDS[0] <= e.n_words <= DOC_ENTRY_WORDS[1]],
+            f"{seed}/documents/{split}",
+        )
+        for split in SPLITS
+    }
+    pool = documents["train"]
+    write_manifest(
+        out_dir / "docs" / "pool.jsonl",
+        [{"id": d.id, "text": d.text, "topic": d.topic, "n_words": d.n_words} for d in pool],
+    )
+
+    spoken_sets = []
+    for split in SPLITS:
+        candidates = [e for e in by_split[split] if speech_words[0] <= e.n_words <= speech_words[1]]
+        spoken_sets.append(_plan_speech(split, candidates, counts[split], voices[split], seed))
+    # festival speaks all of a document's chunks in one process (FestivalVoice.synthesize_many), so it
+    # costs about what espeak-ng does per document (~0.9 s for ~12 chunks) and stays among the voices
+    for split in SPLITS:
+        spoken_sets.append(_plan_docs(split, documents[split], doc_counts[split], voices[split], seed))
+    mc_entries = [
+        e for e in by_split["test"] if MC_CONTEXT_WORDS + MC_REST_WORDS <= e.n_words <= speech_words[1]
+    ]
+    spoken_sets.append(_plan_mc(mc_entries, mc_count, voices["test"], seed))
+    # every dev/test set above draws on these entries only
+    if any(e.key in train_keys for e in by_split["dev"] + by_split["test"]):
+        raise RuntimeError("dev/test text leaked into the training text")  # a bug: see split_of
+
     summary: dict = {
         "scale": scale,
         "seed": seed,
         "voices": {"train": voices["train"], "heldout": voices["test"]},
         "text": {"train": len(text_train), "topics": dict(Counter(e.topic for e in text_train))},
+        "pool": {
+            "documents": len(pool),
+            "words": sum(d.n_words for d in pool),
+            "topics": dict(Counter(d.topic for d in pool)),
+        },
         "speech": {},
+        "docs": {},
+        "mc": {},
     }
-    synth_seconds, n_new = 0.0, 0
-    train_keys = {e.key for e in by_split["train"]}
-    for split in SPLITS:
-        candidates = [e for e in by_split[split] if speech_words[0] <= e.n_words <= speech_words[1]]
-        items = _plan_split(split, candidates, counts[split], voices[split], seed)
-        if split != "train" and any(it.entry.key in train_keys for it in items):
-            raise RuntimeError(f"{split} text leaked into the training text")  # a bug: see split_of
+    for spoken in spoken_sets:
+        summary[spoken.folder][spoken.split] = _speak(out_dir, spoken, workers, progress, on_item)
 
-        (speech_dir / "wav" / split).mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        durations, new = _synthesize_split(items, speech_dir, workers, progress, on_item)
-        if new:
-            synth_seconds += time.perf_counter() - t0
-            n_new += new
-
-        _write_jsonl(
-            speech_dir / f"{split}.jsonl",
-            (
-                {
-                    "id": it.id,
-                    "audio": it.audio,
-                    "duration": round(durations[it.id], 4),
-                    "text": it.entry.text,
-                    "speaker": it.speaker,
-                    "topic": it.entry.topic,
-                }
-                for it in items
-            ),
-        )
-        summary["speech"][split] = {
-            "clips": len(items),
-            "synthesized": new,
-            "hours": sum(durations.values()) / 3600,
-            "voices": dict(Counter(it.speaker for it in items)),
-            "topics": dict(Counter(it.entry.topic for it in items)),
-        }
-
-    summary["total_hours"] = sum(s["hours"] for s in summary["speech"].values())
+    sets = [s for group in ("speech", "docs", "mc") for s in summary[group].values()]
+    n_new, synth_seconds = sum(s["synthesized"] for s in sets), sum(s["synthesis_seconds"] for s in sets)
+    summary["total_hours"] = sum(s["hours"] for s in sets)
     summary["synthesized"] = n_new
     summary["synthesis_clips_per_second"] = n_new / synth_seconds if n_new else None
     summary["seconds"] = time.perf_counter() - start
@@ -394,12 +475,18 @@ def prepare_demo_data(
 
 
 def print_summary(summary: dict) -> None:
+    pool = summary["pool"]
     print(
-        f"text: {summary['text']['train']} training texts from {len(summary['text']['topics'])} topics"
+        f"text: {summary['text']['train']} training texts from {len(summary['text']['topics'])} topics; "
+        f"pool: {pool['documents']} documents, {pool['words']} words"
     )
-    for split, s in summary["speech"].items():
-        voices = ", ".join(f"{v} {n}" for v, n in s["voices"].items())
-        print(f"{split}: {s['clips']} clips ({s['synthesized']} new), {s['hours']:.2f} h; {voices}")
+    for group in ("speech", "docs", "mc"):
+        for split, s in summary[group].items():
+            voices = ", ".join(f"{v} {n}" for v, n in s["voices"].items())
+            print(
+                f"{group}/{split}: {s['clips']} clips ({s['synthesized']} new in "
+                f"{s['synthesis_seconds']:.0f} s), {s['hours']:.2f} h; {voices}"
+            )
     rate = summary["synthesis_clips_per_second"]
     print(
         f"total {summary['total_hours']:.2f} h in {summary['seconds']:.0f} s"
@@ -417,6 +504,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--n-train", type=int)
     parser.add_argument("--n-dev", type=int)
     parser.add_argument("--n-test", type=int)
+    parser.add_argument("--n-docs", type=int, nargs=3, metavar=("TRAIN", "DEV", "TEST"),
+                        help="spoken documents per split")  # fmt: skip
+    parser.add_argument("--n-mc", type=int, help="spoken multiple-choice questions")
     parser.add_argument("--train-voices", nargs="+", default=list(TRAIN_VOICES), metavar="SPEC")
     parser.add_argument("--heldout-voices", nargs="+", default=list(HELDOUT_VOICES), metavar="SPEC")
     parser.add_argument("--fortunes-dir", type=Path, default=FORTUNES_DIR)
@@ -435,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
         n_train=args.n_train,
         n_dev=args.n_dev,
         n_test=args.n_test,
+        n_docs=tuple(args.n_docs) if args.n_docs else None,
+        n_mc=args.n_mc,
         train_voices=args.train_voices,
         heldout_voices=args.heldout_voices,
         fortunes_dir=args.fortunes_dir,

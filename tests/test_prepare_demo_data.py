@@ -12,15 +12,19 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from datamodules.manifest import load_manifest
+from speechllm import synthesis
 from speechllm.tts import TTSUnavailableError, get_voice
 from stages import prepare_demo_data as prep
 
-# fast engines only: festival starts up in ~0.5 s per clip
+# fast engines only: festival starts up in ~0.5 s per call
 TRAIN = ["espeak-ng:en-us", "espeak-ng:en-us+f2", "flite:kal16"]
 HELDOUT = ["flite:slt"]
 TINY = dict(
-    n_train=12, n_dev=3, n_test=3, train_voices=TRAIN, heldout_voices=HELDOUT, progress=False
-)
+    n_train=12, n_dev=3, n_test=3, n_docs=(0, 0, 0), n_mc=0, train_voices=TRAIN, heldout_voices=HELDOUT,
+    progress=False,
+)  # fmt: skip
+WITH_DOCS = {**TINY, "n_docs": (2, 1, 1), "n_mc": 3}
 WORDS = "the a cat dog sees runs over under big small red blue house tree river stone quickly slowly".split()
 
 
@@ -41,7 +45,7 @@ def fortunes(tmp_path) -> Path:
     rng = random.Random(0)
     for topic in ("alpha", "beta"):
         entries = []
-        for _ in range(60):
+        for _ in range(200):  # enough dev/test fortunes of one topic for a few 40-80-word documents
             words = rng.choices(WORDS, k=rng.randint(5, 12))
             entries.append(" ".join(words[:4]) + "\n\t" + " ".join(words[4:]).capitalize() + ".")
         entries += [
@@ -62,20 +66,25 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def wav_mtimes(out: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in (out / "speech" / "wav").rglob("*.wav")}
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*.wav")}
 
 
 @pytest.fixture
 def count_synthesis(monkeypatch):
-    """Count the clips synthesised in this process (runs with workers=1)."""
+    """Count the clips synthesised in this process (runs with workers=1): whole or chunk by chunk."""
     calls = []
-    real = prep.synthesize_to_file
+    to_file, spans = synthesis.synthesize_to_file, synthesis.synthesize_spans
 
-    def counting(voice, text, path, *args, **kwargs):
+    def counting_to_file(voice, text, path, *args, **kwargs):
         calls.append(path)
-        return real(voice, text, path, *args, **kwargs)
+        return to_file(voice, text, path, *args, **kwargs)
 
-    monkeypatch.setattr(prep, "synthesize_to_file", counting)
+    def counting_spans(voice, chunks, *args, **kwargs):
+        calls.append(chunks)
+        return spans(voice, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "synthesize_to_file", counting_to_file)
+    monkeypatch.setattr(synthesis, "synthesize_spans", counting_spans)
     return calls
 
 
@@ -102,8 +111,8 @@ def test_split_is_seeded_and_stable():
 
 def test_tiny_run_then_rerun_synthesizes_nothing(fortunes, tmp_path, count_synthesis):
     out = tmp_path / "out"
-    summary = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **TINY)
-    assert len(count_synthesis) == 18 and summary["synthesized"] == 18
+    summary = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **WITH_DOCS)
+    assert len(count_synthesis) == 18 + 4 + 3 and summary["synthesized"] == 25  # speech, docs, mc
 
     text = read_jsonl(out / "text" / "train.jsonl")
     assert (
@@ -141,16 +150,90 @@ def test_tiny_run_then_rerun_synthesizes_nothing(fortunes, tmp_path, count_synth
     for row in manifests["dev"] + manifests["test"]:
         assert row["text"] not in train_texts | speech_train_texts
 
+    check_documents_and_mc(out, fortunes, train_texts, manifests)
+
     saved = json.loads((out / "summary.json").read_text())
     assert saved["speech"]["train"]["clips"] == 12 and saved["total_hours"] > 0
     assert saved["voices"] == {"train": TRAIN, "heldout": HELDOUT}
+    assert [saved["docs"][s]["clips"] for s in prep.SPLITS] == [2, 1, 1] and saved["mc"]["test"]["clips"] == 3
+    assert saved["pool"]["documents"] == len(read_jsonl(out / "docs" / "pool.jsonl"))
+    assert set(saved["mc"]["test"]["voices"]) <= set(HELDOUT) and saved["docs"]["train"]["hours"] > 0
+    hours = [s["hours"] for group in ("speech", "docs", "mc") for s in saved[group].values()]
+    assert saved["total_hours"] == pytest.approx(sum(hours))
 
     # a second run finds every wav and rewrites identical manifests
     before = wav_mtimes(out)
-    again = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **TINY)
-    assert len(count_synthesis) == 18 and again["synthesized"] == 0
+    assert len(before) == 25
+    written = {p: p.read_bytes() for p in out.rglob("*.json*") if p.name != "summary.json"}
+    again = prep.prepare_demo_data(out, fortunes_dir=fortunes, workers=1, **WITH_DOCS)
+    assert len(count_synthesis) == 25 and again["synthesized"] == 0
     assert wav_mtimes(out) == before
-    assert {s: read_jsonl(out / "speech" / f"{s}.jsonl") for s in prep.SPLITS} == manifests
+    assert {p: p.read_bytes() for p in out.rglob("*.json*") if p.name != "summary.json"} == written
+
+
+def segments_into(text: str, pieces: set[str]) -> bool:
+    """Whether ``text`` is some of ``pieces`` joined with single spaces (a search over where the next
+    piece may start)."""
+    starts, seen = [0], {0}
+    while starts:
+        start = starts.pop()
+        for piece in pieces:
+            if text.startswith(piece, start):
+                end = start + len(piece)
+                if end == len(text):
+                    return True
+                if text[end] == " " and end + 1 not in seen:
+                    seen.add(end + 1)
+                    starts.append(end + 1)
+    return False
+
+
+def check_documents_and_mc(out: Path, fortunes: Path, train_texts: set[str], speech: dict) -> None:
+    heldout_texts = {r["text"] for s in ("dev", "test") for r in speech[s]}
+    pool = read_jsonl(out / "docs" / "pool.jsonl")
+    assert pool and all(set(r) == {"id", "text", "topic", "n_words"} for r in pool)
+    for row in pool:  # 40-80 words of consecutive training fortunes of one topic
+        assert 40 <= row["n_words"] == len(row["text"].split()) <= 80
+        same_topic = {t["text"] for t in read_jsonl(out / "text" / "train.jsonl") if t["topic"] == row["topic"]}
+        assert segments_into(row["text"], same_topic)
+        assert not any(h in row["text"] for h in heldout_texts)
+    pool_by_id = {r["id"]: r for r in pool}
+
+    docs = {s: load_manifest(out / "docs" / f"{s}.jsonl", require_audio=True) for s in prep.SPLITS}
+    assert [len(docs[s]) for s in prep.SPLITS] == [2, 1, 1]
+    for split, rows in docs.items():
+        for doc in rows:
+            assert doc.speaker in (TRAIN if split == "train" else HELDOUT)
+            assert set(doc.meta) == {"doc", "topic", "n_words"}
+            # spoken chunk by chunk: 3-6 words each, contiguous, ending with the wav
+            assert " ".join(w["w"] for w in doc.words) == doc.text
+            assert all(3 <= sum(any(c.isalnum() for c in t) for t in w["w"].split()) <= 6 for w in doc.words)
+            assert doc.words[0]["start"] == 0
+            assert all(a["end"] == b["start"] for a, b in zip(doc.words, doc.words[1:]))
+            info = sf.info(doc.audio)
+            assert info.samplerate == 16000 and doc.words[-1]["end"] == info.frames / 16000
+            assert doc.duration == pytest.approx(info.frames / 16000, abs=1e-4)
+            if split == "train":
+                assert pool_by_id[doc.meta["doc"]]["text"] == doc.text
+            else:  # held-out documents: none of the pool, no training text inside
+                assert doc.meta["doc"] not in pool_by_id
+                assert not any(t in doc.text for t in train_texts)
+                assert not any(doc.text in p["text"] for p in pool)
+
+    all_texts = {e.text for e in prep.read_fortunes(fortunes)}
+    questions = load_manifest(out / "mc" / "test.jsonl", require_audio=True)
+    assert len(questions) == 3
+    for q in questions:
+        options, answer = q.meta["options"], q.meta["answer"]
+        assert q.speaker in HELDOUT and sf.info(q.audio).samplerate == 16000
+        assert len(options) == len({o.lower() for o in options}) == 4 and 0 <= answer < 4
+        assert len(q.text.split()) >= 5 and len(options[answer].split()) >= 3
+        whole = f"{q.text} {options[answer]}"  # the true rest completes a held-out fortune
+        assert whole in all_texts and whole not in train_texts
+        assert not any(q.text in t for t in train_texts)
+        for i, option in enumerate(options):  # the others end other fortunes
+            if i != answer:
+                assert any(t.endswith(" " + option) and t != whole for t in all_texts - train_texts)
 
 
 def test_interrupted_run_resumes(fortunes, tmp_path, count_synthesis):
@@ -178,7 +261,8 @@ def test_killed_worker_pool_resumes(fortunes, tmp_path, count_synthesis):
     """SIGKILL the command line mid-synthesis (2 worker processes), then finish the run in-process."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "stages.prepare_demo_data", str(out), "--fortunes-dir", str(fortunes),
-           "--n-train", "40", "--n-dev", "3", "--n-test", "3", "--workers", "2",
+           "--n-train", "40", "--n-dev", "3", "--n-test", "3", "--n-docs", "0", "0", "0", "--n-mc", "0",
+           "--workers", "2",
            "--train-voices", *TRAIN, "--heldout-voices", *HELDOUT]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -244,5 +328,38 @@ def test_real_fortunes(tmp_path):
     )
     assert set(summary["text"]["topics"]) == {"food", "science"}
     text = {r["text"] for r in read_jsonl(tmp_path / "text" / "train.jsonl")}
+    pool = [r["text"] for r in read_jsonl(tmp_path / "docs" / "pool.jsonl")]
+    assert summary["pool"]["documents"] == len(pool) > 20
     for split in ("dev", "test"):
-        assert not text & {r["text"] for r in read_jsonl(tmp_path / "speech" / f"{split}.jsonl")}
+        heldout = {r["text"] for r in read_jsonl(tmp_path / "speech" / f"{split}.jsonl")}
+        assert not text & heldout
+        assert not any(h in doc for h in heldout for doc in pool)
+
+
+def test_build_documents_against_a_plain_count():
+    rng = random.Random(1)
+    entries = [prep.Entry(f"{topic} entry {i} " + "word " * rng.randint(1, 57), topic)
+               for topic in ("x", "y", "z") for i in range(60)]  # fmt: skip
+    entries = [prep.Entry(e.text.strip(), e.topic) for e in entries]
+    documents = prep.build_documents(entries, "0/test")
+    assert documents == prep.build_documents(entries, "0/test") != prep.build_documents(entries, "1/test")
+    used = [e for d in documents for e in d.entries]
+    assert len(used) == len(set(used))
+    for doc in documents:
+        assert 40 <= doc.n_words <= 80 and {e.topic for e in doc.entries} == {doc.topic}
+        assert doc.text == " ".join(e.text for e in doc.entries) and doc.id.startswith("doc-")
+    for topic in ("x", "y", "z"):  # only a remainder too short for a document is left over
+        assert sum(e.n_words for e in entries if e.topic == topic and e not in used) < 40
+    with pytest.raises(ValueError, match="longer than a document"):
+        prep.build_documents([prep.Entry("w " * 81, "x")], "0")
+
+
+def test_split_for_continuation():
+    rng = random.Random(0)
+    entry = prep.Entry("One two three four five. Six seven eight nine", "t")
+    assert prep.split_for_continuation(entry, rng) == ("One two three four five.", "Six seven eight nine")
+    plain = prep.Entry("a b c d e f g h i j", "t")
+    cuts = {len(prep.split_for_continuation(plain, rng)[0].split()) for _ in range(50)}
+    assert cuts == {5, 6, 7}  # context >= 5 words, rest >= 3
+    with pytest.raises(ValueError, match="too short"):
+        prep.split_for_continuation(prep.Entry("a b c d e f g", "t"), rng)

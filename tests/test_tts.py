@@ -1,6 +1,9 @@
-"""The TTS wrappers (real engines, skipped where not installed) and the resampler."""
+"""The TTS wrappers (real engines, skipped where not installed; tiny random transformers models) and
+the resampler."""
 
+import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -85,13 +88,15 @@ def test_spec_parsing_and_names():
         ("flite", "ENGINE:VOICE"),
         ("flite:kal", "kal16"),
         ("festival:rab", "known: kal, slt-hts"),
-        ("espeak-ng:en-us,speed", "key=INTEGER"),
+        ("espeak-ng:en-us,speed", "key=VALUE"),
+        ("espeak-ng:en-us,speed=fast", "speed must be an integer"),
+        ("espeak-ng:en-us,volume=3", "no option 'volume'.*speed=<int>, pitch=<int>"),
         ("espeak-ng:xx-nope", "no voice"),
     ]:
         with pytest.raises(ValueError, match=message):
             get_voice(bad)
     voice_or_skip("flite:slt")
-    with pytest.raises(ValueError, match="speed"):
+    with pytest.raises(ValueError, match="flite has no option 'speed'"):
         get_voice("flite:slt,speed=120")
 
 
@@ -167,3 +172,140 @@ def test_synthesize_spans_boundaries():
     alone = resample(*voice.synthesize(spans[1]), 16000)
     cut = wav[round(segments[1]["start"] * sr) : round(segments[1]["end"] * sr)]
     assert np.array_equal(cut, alone)
+
+
+@pytest.mark.parametrize("spec, function", [("festival:kal", "voice_kal_diphone"),
+                                            ("festival:slt-hts", "voice_cmu_us_slt_arctic_hts")])  # fmt: skip
+def test_festival_many_texts_in_one_process_match_text2wave(spec, function, tmp_path):
+    voice = voice_or_skip(spec)
+    texts = ["The quick brown fox.", 'He said "hi" -- twice. Then left', "a back\\slash"]
+    many = voice.synthesize_many(texts)
+    assert len(many) == 3
+    for text, (wav, sr) in zip(texts, many):
+        # the reference: festival's own text2wave, one process per text
+        words = " ".join(w for w in text.split() if any(c.isalnum() for c in w))
+        ref = tmp_path / "ref.wav"
+        subprocess.run(["text2wave", "-eval", f"({function})", "-o", str(ref)], input=words, text=True,
+                       check=True, capture_output=True)  # fmt: skip
+        expected, expected_sr = sf.read(ref, dtype="float32")
+        assert sr == expected_sr and np.array_equal(wav, expected)
+    with pytest.raises(ValueError, match="nothing festival can say in '!!!'"):
+        voice.synthesize_many(["fine", "!!!"])
+
+
+# -- the transformers engine, on tiny random models saved to disk --------------------------------
+
+CHARS = ["<pad>", "<unk>", " ", *"abcdefghijklmnopqrstuvwxyz'"]
+
+
+def save_char_tokenizer(folder):
+    """A character tokenizer (VitsTokenizer reads a vocab json; no phonemizer, no sentencepiece)."""
+    from transformers import VitsTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(CHARS)}))
+    VitsTokenizer(str(folder / "vocab.json"), phonemize=False).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_tts(tmp_path_factory):
+    """Folders of a tiny VITS (22.05 kHz, in a folder whose name holds ':') and a tiny SpeechT5 +
+    HiFi-GAN vocoder."""
+    from transformers import (
+        BertConfig,
+        SpeechT5Config,
+        SpeechT5ForTextToSpeech,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+        VitsConfig,
+        VitsModel,
+    )
+
+    root = tmp_path_factory.mktemp("tts")
+    torch.manual_seed(0)
+    vits = root / "org:models" / "vits"
+    save_char_tokenizer(vits)
+    VitsModel(VitsConfig(
+        vocab_size=len(CHARS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=16,
+        flow_size=8, spectrogram_bins=9, upsample_initial_channel=16, upsample_rates=(4, 4),
+        upsample_kernel_sizes=(8, 8), resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),),
+        duration_predictor_filter_channels=8, duration_predictor_num_flows=1, prior_encoder_num_flows=1,
+        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1,
+        depth_separable_num_layers=1, sampling_rate=22050,
+    )).save_pretrained(vits)  # fmt: skip
+    speecht5 = root / "speecht5"
+    save_char_tokenizer(speecht5)
+    SpeechT5ForTextToSpeech(SpeechT5Config(
+        vocab_size=len(CHARS), hidden_size=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, speech_decoder_prenet_units=16,
+        speech_decoder_postnet_units=16, speech_decoder_postnet_layers=1, num_mel_bins=8, pad_token_id=0,
+        speaker_embedding_dim=512, max_text_positions=200, max_speech_positions=400, conv_dim=(8,),
+        conv_stride=(5,), conv_kernel=(10,), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    )).save_pretrained(speecht5)  # fmt: skip
+    vocoder = root / "hifigan"
+    SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=8, upsample_initial_channel=16, upsample_rates=(4, 4), upsample_kernel_sizes=(8, 8),
+        resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),),
+    )).save_pretrained(vocoder)  # fmt: skip
+    bert = root / "bert"
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(bert)
+    return {"vits": vits, "speecht5": speecht5, "vocoder": vocoder, "bert": bert}
+
+
+def test_transformers_vits_voice(tiny_tts, tmp_path):
+    voice = get_voice(f"transformers:{tiny_tts['vits']}")  # the path holds '/' and ':'
+    assert voice.name == f"transformers:{tiny_tts['vits']}" and voice.model_type == "vits"
+    state = torch.get_rng_state()
+    wav, sr = voice.synthesize("Hello, world!")
+    assert torch.equal(torch.get_rng_state(), state)  # seeded in a forked RNG: the caller's is untouched
+    assert sr == 22050 and wav.dtype == np.float32 and wav.ndim == 1 and len(wav) > 0
+    assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+    # VITS samples noise: the seed makes it repeatable, another seed changes it
+    assert np.array_equal(voice.synthesize("Hello, world!")[0], wav)
+    other = get_voice(f"transformers:{tiny_tts['vits']},seed=3")
+    assert other.name.endswith(",seed=3") and not np.array_equal(other.synthesize("Hello, world!")[0], wav)
+
+    duration = synthesize_to_file(voice, "Hello, world!", tmp_path / "vits.wav")
+    info = sf.info(tmp_path / "vits.wav")
+    assert (info.samplerate, info.channels) == (16000, 1)
+    assert info.frames == math.ceil(len(wav) * 16000 / 22050) and duration == pytest.approx(info.duration)
+    with pytest.raises(ValueError, match="keeps nothing of '123'"):  # digits are not in the vocabulary
+        voice.synthesize("123")
+
+
+def test_transformers_speecht5_voice(tiny_tts, tmp_path):
+    xvector = tmp_path / "speaker.npy"
+    np.save(xvector, np.random.default_rng(0).standard_normal(512).astype(np.float32))
+    spec = f"transformers:{tiny_tts['speecht5']},vocoder={tiny_tts['vocoder']},speaker={xvector}"
+    voice = get_voice(spec)
+    assert voice.name == spec and get_voice(voice.name).name == spec
+    assert torch.equal(voice.xvector[0], torch.from_numpy(np.load(xvector)))
+    wav, sr = voice.synthesize("hello world")
+    assert sr == 16000 and wav.dtype == np.float32 and len(wav) > 0 and np.isfinite(wav).all()
+
+    plain = get_voice(f"transformers:{tiny_tts['speecht5']},vocoder={tiny_tts['vocoder']}")
+    assert torch.equal(plain.xvector, torch.zeros(1, 512))  # no speaker option: zeros
+    duration = synthesize_to_file(plain, "hello world", tmp_path / "t5.wav")
+    assert sf.info(tmp_path / "t5.wav").samplerate == 16000 and duration > 0
+
+    torch.save(torch.ones(2, 256), tmp_path / "speaker.pt")  # 512 numbers in another shape: accepted
+    pt = get_voice(f"transformers:{tiny_tts['speecht5']},vocoder={tiny_tts['vocoder']},speaker={tmp_path}/speaker.pt")
+    assert torch.equal(pt.xvector, torch.ones(1, 512))
+
+
+def test_transformers_voice_errors(tiny_tts, tmp_path):
+    speecht5, vocoder = tiny_tts["speecht5"], tiny_tts["vocoder"]
+    np.save(tmp_path / "short.npy", np.zeros(100, dtype=np.float32))
+    for spec, message in [
+        (f"transformers:{tiny_tts['bert']}", "'bert' model; TTS model types handled: vits, speecht5"),
+        (f"transformers:{speecht5}", "add vocoder="),
+        (f"transformers:{tiny_tts['vits']},vocoder={vocoder}", "vocoder and speaker are SpeechT5 options"),
+        (f"transformers:{speecht5},vocoder={vocoder},speaker={tmp_path}/short.npy",
+         r"short.npy'.*expected 512 numbers, got \(100,\)"),
+        (f"transformers:{speecht5},vocoder={vocoder},speaker=x.txt", "expected a .npy or .pt file"),
+        (f"transformers:{speecht5},vocoder={vocoder},pitch=3", "no option 'pitch'"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            get_voice(spec)
+    with pytest.raises(TTSUnavailableError, match="cannot load AutoConfig from '.*missing'"):
+        get_voice(f"transformers:{tmp_path}/missing")
