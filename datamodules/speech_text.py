@@ -1,100 +1,239 @@
-"""Datasets and the DataModule shared by the stages: text or speech for training, named speech sets
-for validation."""
+"""The data module every stage shares: named training sources mixed by share, checked up front, and
+named speech sets for validation / test.
+
+A source is a manifest of one ``kind`` (``speech``, ``simulated`` or ``text``, see
+:class:`speechllm.config.SourceConfig`). Each source has its own endless batch stream (fixed size, or
+duration-bucketed under ``data.batching``); :class:`MixtureBatchSampler` picks the source of each batch
+from the shares at that step. Every position is a pure function of the batch index, and the global
+batch count is saved in the checkpoint, so a resumed run sees exactly the batches an uninterrupted run
+would have seen.
+
+Speech is checked before training (file present and readable, sample rate, length): a bad clip is a
+counted, logged skip (``skipped/<reason>`` in TensorBoard and ``metrics.json``), never a crash at step
+10,000 or a silent wrong input.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+import soundfile as sf
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.manifest import Utterance, load_audio, load_manifest, normalize_target
-from datamodules.sampling import ResumableBatchSampler
-from speechllm.config import StageConfig
+from datamodules.sampling import BucketingStream, FixedSizeStream, MixtureBatchSampler
+from speechllm.config import SourceConfig, StageConfig
+from speechllm.schedules import ramp
+
+SOURCE_KINDS = ("speech", "simulated", "text")
 
 
-class TextDataset(Dataset):
-    """Text-only items; the sampler's draw number becomes the seed of the item's simulated input."""
+def check_audio(items: list[Utterance], sample_rate: int, max_seconds: float) -> tuple[list[Utterance], Counter]:
+    """The clips that can be used as they are, with durations read from the files, and the skip counts."""
+    kept, skipped = [], Counter()
+    for utt in items:
+        try:
+            info = sf.info(str(utt.audio))
+        except FileNotFoundError:
+            skipped["missing_audio"] += 1
+            continue
+        except Exception:  # soundfile raises its own error types for unreadable files
+            skipped["unreadable_audio" if utt.audio.exists() else "missing_audio"] += 1
+            continue
+        if info.samplerate != sample_rate:
+            skipped["wrong_sample_rate"] += 1
+        elif info.frames == 0:
+            skipped["empty_audio"] += 1
+        elif info.frames / info.samplerate > max_seconds:
+            skipped["too_long"] += 1
+        else:
+            kept.append(replace(utt, duration=info.frames / info.samplerate))
+    return kept, skipped
 
-    def __init__(self, items: list[Utterance], normalization: str):
-        self.items, self.normalization = items, normalization
+
+class SourceItems(Dataset):
+    """All training sources behind one index: ``(source name, item index, draw number)``."""
+
+    def __init__(self, sources: dict[str, tuple[str, list[Utterance]]], sample_rate: int, normalization: str):
+        self.sources, self.sample_rate, self.normalization = sources, sample_rate, normalization
 
     def __len__(self) -> int:
-        return len(self.items)
+        return sum(len(items) for _, items in self.sources.values())
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, draw = key
-        utt = self.items[index]
-        return {"id": utt.id, "text": utt.text, "target": normalize_target(utt.target_text, self.normalization), "seed": draw}
+    def __getitem__(self, key: tuple[str, int, int]) -> dict[str, Any]:
+        name, index, draw = key
+        kind, items = self.sources[name]
+        utt = items[index]
+        item = {"source": name, "kind": kind, "id": utt.id, "text": utt.text, "seed": draw,
+                "target": normalize_target(utt.target_text, self.normalization), "words": utt.words}
+        if kind == "speech":
+            item["waveform"] = load_audio(utt.audio, self.sample_rate)
+        return item
 
 
-class SpeechDataset(Dataset):
+class EvalItems(Dataset):
+    """A named speech set for validation/test (every clip already checked)."""
+
     def __init__(self, items: list[Utterance], sample_rate: int, normalization: str):
         self.items, self.sample_rate, self.normalization = items, sample_rate, normalization
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, draw = key if isinstance(key, tuple) else (key, key)
+    def __getitem__(self, index: int) -> dict[str, Any]:
         utt = self.items[index]
-        return {
-            "id": utt.id, "text": utt.text, "target": normalize_target(utt.target_text, self.normalization),
-            "waveform": load_audio(utt.audio, self.sample_rate), "seed": draw,
-        }
+        return {"id": utt.id, "text": utt.text, "target": normalize_target(utt.target_text, self.normalization),
+                "waveform": load_audio(utt.audio, self.sample_rate), "words": utt.words, "meta": utt.meta,
+                "seed": index}
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {key: [item[key] for item in items] for key in items[0]}
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    for key in ("source", "kind"):  # one source per batch
+        if key in batch:
+            batch[key] = batch[key][0]
+    return batch
 
 
 class SpeechTextDataModule(L.LightningDataModule):
-    """``train_on``: ``text`` (text-only alignment) or ``speech``; validation is always speech."""
+    """Training sources of a stage (``data.sources``, or ``data.train`` alone of ``default_kind``)."""
 
-    def __init__(self, cfg: StageConfig, train_on: str = "text"):
+    def __init__(self, cfg: StageConfig, default_kind: str = "simulated", tokenizer=None):
         super().__init__()
-        self.cfg, self.train_on = cfg, train_on
-        self.val_names: list[str] = list(cfg.data.val)
-        self.test_names: list[str] = list(cfg.data.test)
-        self.skipped: dict[str, int] = {}  # counted skips, reported in metrics.json
+        self.cfg, self.default_kind, self.tokenizer = cfg, default_kind, tokenizer
+        # Evaluation sets in dataloader order: (what is measured, set name). `wer`: transcribe and score;
+        # `measure`: misalignment / forgetting; `mc`: multiple choice on text and on speech.
+        self.val_index = ([("wer", n) for n in cfg.data.val] + [("measure", n) for n in cfg.measures.sets]
+                          + [("mc", n) for n in cfg.measures.multiple_choice])
+        self.test_index = [("wer", n) for n in cfg.data.test]
+        self.skipped: Counter = Counter()  # "<source or set>/<reason>" -> count, for metrics.json
+        self.manifest_overrides: dict[str, str] = {}  # source -> manifest decided at run time (selection)
+        self._global_batches = 0  # restored from a checkpoint (see state_dict)
+
+    # ------------------------------------------------------------------ sources
+
+    def source_configs(self) -> dict[str, SourceConfig]:
+        data = self.cfg.data
+        if data.sources:
+            sources = {name: OmegaConf.to_object(src) for name, src in data.sources.items()}
+        elif data.train:
+            sources = {"train": SourceConfig(manifest=data.train, kind=self.default_kind)}
+        else:
+            raise ValueError("data: set `train` (a manifest) or `sources` (named manifests with shares)")
+        for name, src in sources.items():
+            if src.kind not in SOURCE_KINDS:
+                raise ValueError(f"data.sources.{name}.kind: {src.kind!r} is not one of {SOURCE_KINDS}")
+            src.manifest = self.manifest_overrides.get(name, src.manifest)
+        return sources
+
+    def _load(self, where: str, path: str, speech: bool, limit: int = 0) -> list[Utterance]:
+        items = load_manifest(path, require_audio=speech)
+        items = items[:limit] if limit else items
+        if speech:
+            items, skipped = check_audio(items, self.cfg.model.encoder.sample_rate, self.cfg.data.max_audio_seconds)
+            self._count(where, path, skipped, len(items))
+        max_words = self.cfg.data.max_train_words if where.startswith("train/") else 0
+        if max_words:
+            kept = [u for u in items if len(u.target_text.split()) <= max_words]
+            self._count(where, path, Counter(longer_than_max_train_words=len(items) - len(kept)), len(kept))
+            items = kept
+        if not items:
+            raise ValueError(f"{path}: no usable item left (skipped: {dict(self.skipped)})")
+        return items
+
+    def _count(self, where: str, path: str, skipped: Counter, kept: int) -> None:
+        for reason, n in skipped.items():
+            if n:
+                self.skipped[f"{where}/{reason}"] += n
+                rank_zero_warn(f"{path}: skipped {n} item(s): {reason.replace('_', ' ')} ({kept} kept)")
 
     def setup(self, stage: str | None = None) -> None:
-        data = self.cfg.data
-        norm, rate = data.target_normalization, self.cfg.model.encoder.sample_rate
-        if stage in (None, "fit"):
-            if not data.train:
-                raise ValueError("data.train: no training manifest configured")
-            items = load_manifest(data.train, require_audio=self.train_on == "speech")
-            if data.max_train_words:
-                kept = [u for u in items if len(u.target_text.split()) <= data.max_train_words]
-                self.skipped["longer_than_max_train_words"] = len(items) - len(kept)
-                rank_zero_info(f"{data.train}: skipped {len(items) - len(kept)} of {len(items)} items with more "
-                               f"than {data.max_train_words} words (data.max_train_words)")
-                items = kept
-            self.train_set = TextDataset(items, norm) if self.train_on == "text" else SpeechDataset(items, rate, norm)
-        def speech_sets(manifests: dict[str, str], limit: int) -> dict[str, SpeechDataset]:
-            return {name: SpeechDataset(load_manifest(path, require_audio=True)[: limit or None], rate, norm)
-                    for name, path in manifests.items()}
+        data, measures = self.cfg.data, self.cfg.measures
+        paths = {"wer": (data.val, data.val_max_samples), "measure": (measures.sets, measures.max_samples),
+                 "mc": (measures.multiple_choice, measures.mc_max_samples)}
+        self.val_sets = [self._eval_set(f"val/{n}", paths[kind][0][n], paths[kind][1]) for kind, n in self.val_index]
+        self.test_sets = [self._eval_set(f"test/{n}", data.test[n], data.test_max_samples) for _, n in self.test_index]
 
-        self.val_sets = speech_sets(data.val, data.val_max_samples)
-        self.test_sets = speech_sets(data.test, data.test_max_samples)
+    def _eval_set(self, where: str, path: str, limit: int) -> EvalItems:
+        rate, norm = self.cfg.model.encoder.sample_rate, self.cfg.data.target_normalization
+        return EvalItems(self._load(where, path, True, limit), rate, norm)
+
+    def eval_index(self, split: str) -> list[tuple[str, str]]:
+        return self.val_index if split == "val" else self.test_index
+
+    def train_items(self) -> dict[str, tuple[str, list[Utterance]]]:
+        """Loaded when the train loader is built: a source may be produced at fit start (selection)."""
+        sources = self.source_configs()
+        for name, src in sources.items():
+            if not src.manifest:
+                raise ValueError(f"data.sources.{name}.manifest is not set")
+        return {name: (src.kind, self._load(f"train/{name}", src.manifest, src.kind == "speech"))
+                for name, src in sources.items()}
+
+    # ------------------------------------------------------------------ batches
+
+    def _stream(self, kind: str, items: list[Utterance], rank: int, world: int):
+        data, batching = self.cfg.data, self.cfg.data.batching
+        if batching.max_seconds <= 0 and batching.max_tokens <= 0:
+            return FixedSizeStream(len(items), data.batch_size, self.cfg.seed, rank=rank, world_size=world)
+        if self.tokenizer is None:
+            raise ValueError("data.batching by tokens needs the LLM tokenizer")
+        targets = [normalize_target(u.target_text, data.target_normalization) for u in items]
+        tokens = [len(ids) + 1 for ids in self.tokenizer(targets, add_special_tokens=False).input_ids]
+        durations = [u.duration or 0.0 for u in items] if kind == "speech" else [0.0] * len(items)
+        return BucketingStream(durations, tokens, max_seconds=batching.max_seconds, max_tokens=batching.max_tokens,
+                               max_batch_size=data.batch_size, seed=self.cfg.seed, rank=rank, world_size=world,
+                               pool_batches=batching.pool_batches)
+
+    def shares(self, step: int) -> dict[str, float]:
+        return {name: ramp(s.share.kind, s.share.start, s.share.end, s.share.start_step, s.share.end_step, step)
+                for name, s in self.source_configs().items()}
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        # Exact resume: restart the stream at the batch the restored step has reached.
-        start = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
-        sampler = ResumableBatchSampler(
-            len(self.train_set), self.cfg.data.batch_size, self.cfg.seed,
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
-            start_batch=start,
-        )
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        accumulate = trainer.accumulate_grad_batches if trainer else 1
+        sources = self.train_items()
+        for name, (kind, items) in sources.items():
+            rank_zero_info(f"[data] source {name!r}: {len(items)} {kind} items")
+        streams = {name: self._stream(kind, items, rank, world) for name, (kind, items) in sources.items()}
+        # Exact resume: the restored global batch count (or, for old checkpoints, the step) says where
+        # the stream stands. On the same device count the batches are exactly those an uninterrupted run
+        # would see; on another count the run continues at the same step, not with identical batches.
+        consumed = self._global_batches or (trainer.global_step * accumulate * world if trainer else 0)
+        if consumed % world:
+            raise ValueError(f"cannot resume {consumed} global batches on {world} devices evenly")
+        self.sampler = MixtureBatchSampler(streams, self.shares, seed=self.cfg.seed, accumulate_grad_batches=accumulate,
+                                           start_batch=consumed // world)
+        dataset = SourceItems(sources, self.cfg.model.encoder.sample_rate, self.cfg.data.target_normalization)
+        return DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate,
                           num_workers=self.cfg.data.num_workers, persistent_workers=False)
 
-    def _eval_loaders(self, sets: dict[str, SpeechDataset]) -> list[DataLoader]:
-        return [DataLoader(ds, batch_size=self.cfg.data.val_batch_size, shuffle=False, collate_fn=collate,
-                           num_workers=self.cfg.data.num_workers) for ds in sets.values()]
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        # Saved at an optimizer-step boundary: every rank has consumed step * accumulate batches.
+        return {"global_batches": trainer.global_step * trainer.accumulate_grad_batches * trainer.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._global_batches = int(state.get("global_batches", 0))
+
+    def _eval_loaders(self, sets: list[EvalItems]) -> list[DataLoader]:
+        trainer = self.trainer
+        loaders = []
+        for ds in sets:
+            # Every rank takes an equal share (padded with repeats, which evaluation drops by id).
+            sampler = (DistributedSampler(ds, trainer.world_size, trainer.global_rank, shuffle=False)
+                       if trainer is not None and trainer.world_size > 1 else None)
+            loaders.append(DataLoader(ds, batch_size=self.cfg.data.val_batch_size, sampler=sampler,
+                                      collate_fn=collate, num_workers=self.cfg.data.num_workers))
+        return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.val_sets)

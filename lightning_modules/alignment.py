@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import SpeechLLMModule
-from speechllm.config import StageConfig
 from speechllm.encoders.base import UnifiedEncoder
 
 
 class AlignModule(SpeechLLMModule):
-    def __init__(self, cfg: StageConfig):
-        super().__init__(cfg)
+    source_kinds = ("simulated",)
+
+    def __init__(self, cfg, stage_dir=None):
+        super().__init__(cfg, stage_dir)
         if not isinstance(self.model.encoder, UnifiedEncoder):
             raise ValueError(
                 f"stage `align` trains from text, so it needs a unified encoder (encoder.kind ctc or "
@@ -24,10 +25,7 @@ class AlignModule(SpeechLLMModule):
             )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # One generator per sample, seeded by its draw number: the simulated input of a sample
-        # does not depend on batch composition, ranks or resumes.
-        generators = [torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + s) for s in batch["seed"]]
-        feats, lengths = self.model.encoder.encode_text(batch["text"], generators)
+        feats, lengths = self.model.encoder.encode_text(batch["text"], self.sample_generators(batch))
         out = self.model(feats, lengths, self.model.target_ids(batch["target"]))
-        self.log_step(out, batch_size=len(batch["text"]))
+        self.log_step(out, batch)
         return out["loss"]

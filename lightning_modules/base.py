@@ -1,21 +1,22 @@
 """What every stage shares: the model, optimiser groups and schedules, trainable-only checkpoints
-with RNG state, throughput logging and speech validation with WER per named set."""
+with RNG state, a guard against non-finite steps, and logging (loss, learning rates, throughput,
+the data mixture, counted skips). Validation lives in :mod:`lightning_modules.evaluation`."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
+import zlib
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from lightning_modules.evaluation import EvaluationMixin
 from speechllm.config import OptimConfig, StageConfig
-from speechllm.metrics import corpus_errors
 from speechllm.model import SpeechLLM
 
 
@@ -41,18 +42,24 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return factor
 
 
-class SpeechLLMModule(L.LightningModule):
-    def __init__(self, cfg: StageConfig):
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf gradient: the run cannot recover by skipping."""
+
+
+class SpeechLLMModule(EvaluationMixin):
+    def __init__(self, cfg: StageConfig, stage_dir: str | Path | None = None):
         super().__init__()
         self.cfg = cfg
+        self.stage_dir = Path(stage_dir) if stage_dir else None
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.model = SpeechLLM.build(cfg.model)
         if cfg.init_from:
             self.init_from(cfg.init_from)
         # Checkpoints hold trainable weights only; the frozen parts come from their ids on load.
         self.strict_loading = False
-        self._eval_outputs: dict[int, list[tuple[str, str, str]]] = {}
         self._last_step_end: float | None = None
+        self._bad_steps_in_a_row = 0
+        self.counters = {"nonfinite_steps": 0, "truncated_to_context": 0}
 
     def init_from(self, directory: str) -> None:
         """Start from a previous stage's exported trainable weights (not a resume)."""
@@ -60,6 +67,12 @@ class SpeechLLMModule(L.LightningModule):
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {path} not found (is the previous stage DONE?)")
         self.model.load_trainable(load_file(str(path)), str(path))
+
+    def sample_generators(self, batch: dict) -> list[torch.Generator]:
+        """One generator per sample, seeded by its source and draw number: a sample's random input
+        (simulation noise, span plan) does not depend on batch composition, ranks or resumes."""
+        source = zlib.crc32(str(batch.get("source", "")).encode())
+        return [torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + source) * 1_000_003 + s) for s in batch["seed"]]
 
     # ------------------------------------------------------------------ optimisation
 
@@ -88,6 +101,31 @@ class SpeechLLMModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, self.cfg.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip a step whose gradients hold NaN/inf instead of poisoning the weights.
+
+        Gradients are already all-reduced here, so every rank takes the same decision without an
+        extra collective. Dropping them (``grad = None``) makes AdamW leave each parameter, its
+        moments and its step count untouched; the step still counts, so the data position and the
+        LR schedule stay functions of the step.
+        """
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if finite:
+            self._bad_steps_in_a_row = 0
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.counters["nonfinite_steps"] += 1
+        self._bad_steps_in_a_row += 1
+        self.log("skipped/nonfinite_steps", float(self.counters["nonfinite_steps"]), rank_zero_only=True)
+        limit = self.cfg.trainer.max_nonfinite_steps
+        if self._bad_steps_in_a_row > limit:
+            raise NonFiniteLossError(
+                f"{self._bad_steps_in_a_row} steps in a row had NaN/inf gradients (step {self.global_step}); "
+                f"the last good checkpoint is intact. Lower optim.lr or check the data (trainer.max_nonfinite_steps={limit})")
+
     # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -100,6 +138,7 @@ class SpeechLLMModule(L.LightningModule):
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
+        checkpoint["counters"] = dict(self.counters)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("rng")
@@ -110,12 +149,21 @@ class SpeechLLMModule(L.LightningModule):
             random.setstate(rng["python"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        self.counters.update(checkpoint.get("counters", {}))
 
     # ------------------------------------------------------------------ logging helpers
 
-    def log_step(self, out: dict, batch_size: int) -> None:
-        """Loss, learning rates and throughput (samples/s, LLM tokens/s) of one training step."""
-        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=batch_size)
+    def on_train_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        for key, n in sorted(getattr(datamodule, "skipped", {}).items()):
+            self.log(f"skipped/{key}", float(n), rank_zero_only=True)
+
+    def log_step(self, out: dict, batch: dict) -> None:
+        """Loss terms, throughput (samples/s, LLM tokens/s), the data mixture and truncations of a step."""
+        batch_size = len(batch["id"])
+        for key in ("loss", "ce", "kl"):
+            if key in out:
+                self.log(f"train/{key}", out[key].detach(), prog_bar=key == "loss", batch_size=batch_size)
         now = time.perf_counter()
         if self._last_step_end is not None:
             dt = max(now - self._last_step_end, 1e-9)
@@ -123,42 +171,12 @@ class SpeechLLMModule(L.LightningModule):
             self.log("train/llm_tokens_per_s", batch_size * out["seq_len"] / dt, batch_size=batch_size)
         self._last_step_end = now
         self.log("train/seq_len", float(out["seq_len"]), batch_size=batch_size)
-
-    # ------------------------------------------------------------------ evaluation: WER per named set
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = {}
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_outputs = {}
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        hyps = self.model.transcribe(batch["waveform"])
-        self._eval_outputs.setdefault(dataloader_idx, []).extend(zip(batch["id"], batch["target"], hyps))
-
-    test_step = validation_step
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_wer("val", self.trainer.datamodule.val_names if self.trainer.datamodule else [])
-
-    def on_test_epoch_end(self) -> None:
-        self._log_wer("test", self.trainer.datamodule.test_names if self.trainer.datamodule else [])
-
-    def _log_wer(self, prefix: str, names: list[str]) -> None:
-        for idx, name in enumerate(names):
-            rows = self._eval_outputs.get(idx, [])
-            total, _ = corpus_errors([r for _, r, _ in rows], [h for _, _, h in rows], "whisper")
-            counts = torch.tensor([total.substitutions, total.deletions, total.insertions, total.ref_words],
-                                  dtype=torch.float64, device=self.device)
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")  # sum over ranks
-            errors, ref_words = counts[:3].sum(), counts[3].clamp(min=1)
-            self.log(f"{prefix}/{name}/wer", (errors / ref_words).float(), add_dataloader_idx=False)
-            if self.global_rank == 0 and rows:
-                self.log_text_samples(f"{prefix}/{name}", rows)
-
-    def log_text_samples(self, name: str, rows: list[tuple[str, str, str]]) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_text"):
-            return
-        lines = [f"**{uid}**  \nREF: {ref}  \nHYP: {hyp}" for uid, ref, hyp in rows[: self.cfg.trainer.log_text_samples]]
-        experiment.add_text(f"{name}/samples", "\n\n".join(lines), self.global_step)
+        if out.get("truncated"):
+            self.counters["truncated_to_context"] += out["truncated"]
+            self.log("skipped/truncated_to_context", float(self.counters["truncated_to_context"]), rank_zero_only=True)
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and len(datamodule.source_configs()) > 1:
+            shares = datamodule.shares(self.global_step)
+            total = sum(v for v in shares.values() if v > 0) or 1.0
+            for name, value in shares.items():
+                self.log(f"curriculum/share/{name}", max(value, 0.0) / total, batch_size=batch_size)

@@ -13,6 +13,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from speechllm.schedules import Ramp
+
 
 class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
@@ -129,14 +131,53 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # The LM head runs on this many positions at a time (checkpointed), so a 152k vocabulary never
+    # holds a (positions x vocabulary) tensor; 0 = all at once.
+    loss_chunk_size: int = 1024
 
 
 # --------------------------------------------------------------------------------------- stage
 
 
 @dataclass
+class SourceConfig:
+    """One training source, mixed with the others batch by batch by its share (a ramp over steps).
+
+    kind: ``speech`` (audio through the encoder), ``simulated`` (text through the encoder's text
+    side: CPS or a text tower) or ``text`` (plain text read by the LLM, no speech: SALAD's text share).
+    """
+
+    manifest: str = ""
+    kind: str = "speech"
+    share: Ramp = field(default_factory=Ramp)
+
+
+@dataclass
+class BatchingConfig:
+    """Batches by padded size (duration bucketing) instead of a fixed count, when a budget is set."""
+
+    max_seconds: float = 0.0  # batch size x longest clip, in seconds (speech sources); 0 = off
+    max_tokens: int = 0  # batch size x longest target, in LLM tokens; 0 = off
+    pool_batches: int = 50  # clips are sorted by duration within pools of this many batches
+
+
+@dataclass
+class DifficultyConfig:
+    """Simulated input made harder over training by rule (TASU2's controlled difficulty): each ramp,
+    when set, replaces that ``encoder.cps`` rate at every step."""
+
+    smoothing_max: Optional[Ramp] = None
+    keep_prob: Optional[Ramp] = None
+    insert_prob: Optional[Ramp] = None
+
+
+@dataclass
 class DataConfig:
     train: Optional[str] = None  # manifest (text-only lines are fine for `align`)
+    # Named sources mixed by share (stages 2-4); empty = `train` alone, of the stage's natural kind.
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
     val: dict[str, str] = field(default_factory=dict)  # name -> speech manifest, WER during training
     test: dict[str, str] = field(default_factory=dict)  # name -> speech manifest, WER before/after training
     batch_size: int = 8
@@ -150,6 +191,57 @@ class DataConfig:
     # Training items with more words are skipped (and counted): sequence length is the cost of a
     # step, and the text pool may hold texts far longer than any utterance it stands in for.
     max_train_words: int = 0  # 0 = no limit
+
+
+@dataclass
+class DistillConfig:
+    """Cross-modal distillation (SALAD, PAPERS.md §3.2): ``alpha * KL + (1 - alpha) * NLL`` over the
+    positions that predict text tokens. Direction and temperature are inferred (the paper is silent)."""
+
+    alpha: float = 1.0
+    direction: str = "forward"  # forward KL(teacher || student) | reverse | jsd
+    temperature: float = 1.0
+    scale_by_t2: bool = False
+    format: str = "interleaved"  # interleaved (SALAD) | instruction (speech replaces the user turn)
+    text_span_words: list[int] = field(default_factory=lambda: [10, 30])
+    speech_span_words: list[int] = field(default_factory=lambda: [5, 15])
+
+
+@dataclass
+class MeasureConfig:
+    """Held-out measures logged at each validation and written to metrics.json (PAPERS.md §3.2, §5.5):
+    misalignment M and forgetting F (token-mean KL) on ``sets``, multiple-choice accuracy on text and
+    on speech on ``multiple_choice`` (options scored by length-normalised log-likelihood)."""
+
+    sets: dict[str, str] = field(default_factory=dict)
+    max_samples: int = 0
+    multiple_choice: dict[str, str] = field(default_factory=dict)
+    mc_max_samples: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class SelectionConfig:
+    """SALAD stage II (PAPERS.md §3.3): cluster a text pool, probe each cluster's misalignment with
+    the current model, draw texts from P_target(c) ∝ P_web(c) M(c)^gamma, synthesise them."""
+
+    pool: str = ""  # text manifest (documents); `topic` fields, when present, label the report
+    source: str = "synthetic"  # the data.sources entry that trains on the synthesised selection
+    embedder: str = "minilm"  # sentence-transformers id/path, "minilm" (offline all-MiniLM-L6-v2), "hashing:<dim>"
+    clusters: int = 128
+    balanced: bool = True
+    kmeans_iters: int = 50
+    probe_per_cluster: int = 4
+    gamma: float = 5.0
+    budget_unit: str = "seconds"  # texts | words | seconds (of speech, estimated from words) | fraction
+    budget: float = 600.0  # fraction: of the `natural` source's speech seconds
+    natural: str = "natural"  # the data.sources entry whose seconds a `fraction` budget refers to
+    words_per_second: float = 2.5  # speaking rate that turns words into estimated seconds
+    rounds: int = 1
+    voices: list[str] = field(default_factory=lambda: ["espeak-ng:en-us"])
+    chunk_words: list[int] = field(default_factory=lambda: [3, 6])  # synthesised chunk by chunk (exact span cuts)
+    workers: int = 2
+    seed: int = 0
 
 
 @dataclass
@@ -182,6 +274,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 100
     keep_last_checkpoints: int = 1
     num_threads: int = 0  # torch threads on CPU; 0 = all cores
+    max_nonfinite_steps: int = 20  # consecutive NaN/inf-gradient steps skipped before the run stops
+    collective_timeout_s: int = 600  # a rank that stops answering ends a multi-device job after this
     log_text_samples: int = 4
 
 
@@ -194,6 +288,9 @@ class StageConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    measures: MeasureConfig = field(default_factory=MeasureConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -201,6 +298,7 @@ class StageConfig:
 @dataclass
 class PipelineStage:
     name: str = ""
+    include: list[str] = field(default_factory=list)  # stage presets (configs/stage/*.yaml), before `config`
     config: dict[str, Any] = field(default_factory=dict)  # overrides of StageConfig for this stage
 
 
@@ -282,14 +380,21 @@ def load_pipeline(path: str | Path, scale: str | None = None) -> PipelineConfig:
 
 def stage_layers(pipeline_path: str | Path, pipeline: PipelineConfig, stage_name: str,
                  scale: str | None = None) -> list[tuple[str, Any]]:
-    """The layers of one stage: included files, pipeline defaults, the stage's block, the scale's."""
+    """The layers of one stage: included files, pipeline defaults, the stage's included presets, the
+    stage's block, the scale's."""
     root = Path(pipeline_path).parent
-    layers: list[tuple[str, Any]] = []
-    for inc in pipeline.include:
-        inc_path = Path(inc) if Path(inc).is_absolute() or Path(inc).exists() else root / inc
-        layers.append((str(inc_path), inc_path))
-    layers.append((f"{pipeline_path} (defaults)", OmegaConf.to_container(pipeline.defaults)))
+
+    def included(paths) -> list[tuple[str, Any]]:
+        out = []
+        for inc in paths:
+            inc_path = Path(inc) if Path(inc).is_absolute() or Path(inc).exists() else root / inc
+            out.append((str(inc_path), inc_path))
+        return out
+
     stage = next(s for s in pipeline.stages if s.name == stage_name)
+    layers = included(pipeline.include)
+    layers.append((f"{pipeline_path} (defaults)", OmegaConf.to_container(pipeline.defaults)))
+    layers += included(stage.include)
     layers.append((f"{pipeline_path} (stage {stage_name})", OmegaConf.to_container(stage.config)))
     if pipeline.scales:
         scale = scale or next(iter(pipeline.scales))

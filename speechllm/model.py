@@ -1,12 +1,17 @@
 """The speech LLM: encoder -> (compression) -> projector -> embeddings spliced into a causal LM.
 
-Sequences are ``[prompt prefix | speech vectors | prompt suffix | target | EOS]``, left-padded, so
-every target sits at the end of its row: the loss needs the LM head only on the last few
-positions, and generation continues every row from the same place.
+Every stage builds its LLM input the same way: *token rows* in which ``SPEECH`` marks a slot for the
+next projected speech vector, and *label rows* (``IGNORE_INDEX`` where there is no loss). Stage 1/2
+rows are ``[prompt prefix | speech | prompt suffix | target | EOS]``; the distillation teacher reads
+the same rows with the transcript's tokens in the speech slots; SALAD's interleaved rows alternate
+text and speech spans. Rows are left-padded, position ids follow the attention mask, and the LM head
+runs only on the positions that predict a labelled token (:mod:`speechllm.losses`, chunked over
+positions), so memory never holds a (length x vocabulary) tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -20,10 +25,11 @@ from speechllm.config import GenerationConfig, ModelConfig, PromptConfig
 from speechllm.encoders import build_encoder
 from speechllm.encoders.base import SpeechEncoder
 from speechllm.llm import build_llm
+from speechllm.losses import lm_loss
 from speechllm.projector import Projector
 
 IGNORE_INDEX = -100
-_SPEECH = -1  # placeholder id of a speech position before splicing
+SPEECH = -1  # a slot for the next speech vector in a token row
 _MARK = "\x00SPEECH\x00"
 
 
@@ -55,11 +61,17 @@ class SpeechLLM(nn.Module):
         self.encoder = encoder
         self.llm = llm
         self.tokenizer = tokenizer
+        for name in ("final_logit_softcapping", "logit_scale"):
+            if getattr(llm.config, name, None) not in (None, 0, 1, 1.0):
+                raise ValueError(f"LLM config sets {name}={getattr(llm.config, name)}: the LM head applied "
+                                 "position by position (speechllm.losses) does not reproduce it")
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.projector = Projector(encoder.output_dim, llm_dim, cfg.projector)
         self.prompt = PromptTemplate(tokenizer, cfg.prompt)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
+        self.max_positions = getattr(llm.config, "max_position_embeddings", None) or 1 << 30
+        self.teacher_llm = None  # a frozen copy of the original LLM, when the LLM itself is trained
         if cfg.projector.init_from_llm_embeddings:
             self.projector.init_from_embeddings(self.unit_embeddings())
 
@@ -68,7 +80,7 @@ class SpeechLLM(nn.Module):
         llm, tokenizer = build_llm(cfg.llm)
         return cls(cfg, build_encoder(cfg.encoder), llm, tokenizer)
 
-    # ----------------------------------------------------------------------------- inputs
+    # ----------------------------------------------------------------------------- token rows
 
     @torch.no_grad()
     def unit_embeddings(self) -> torch.Tensor:
@@ -84,117 +96,202 @@ class SpeechLLM(nn.Module):
                 rows[i] = table[ids].float().mean(0).cpu()
         return rows
 
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
     def target_ids(self, texts: list[str]) -> list[list[int]]:
         """Target token ids + EOS, truncated to ``max_target_tokens`` before the EOS."""
         limit = self.cfg.prompt.max_target_tokens
-        return [self.tokenizer(t, add_special_tokens=False).input_ids[:limit] + [self.eos_id] for t in texts]
+        return [ids[:limit] + [self.eos_id] for ids in self.text_ids(texts)]
+
+    def speech_budget(self, targets: list[list[int]] | None, n_rows: int) -> list[int]:
+        """Most speech vectors each instruction row can hold within the LLM's context."""
+        fixed = len(self.prompt.prefix_ids) + len(self.prompt.suffix_ids)
+        return [self.max_positions - fixed - (len(targets[i]) if targets else self.cfg.generation.max_new_tokens)
+                for i in range(n_rows)]
+
+    def instruction_rows(self, contents: list[int | list[int]], targets: list[list[int]] | None = None
+                         ) -> tuple[list[list[int]], list[list[int]]]:
+        """``[prefix | content | suffix | target]`` rows and their labels (loss on the target only).
+
+        ``content`` is a number of speech slots, or token ids read as text (the transcript: what the
+        distillation teacher and the LLM's text ceiling see in place of the speech).
+        """
+        rows, labels = [], []
+        for i, content in enumerate(contents):
+            middle = [SPEECH] * content if isinstance(content, int) else list(content)
+            head = self.prompt.prefix_ids + middle + self.prompt.suffix_ids
+            target = targets[i] if targets is not None else []
+            rows.append(head + target)
+            labels.append([IGNORE_INDEX] * len(head) + target)
+        return rows, labels
 
     def project(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.projector.fc1.weight.device
         return self.projector(feats.to(device), lengths.to(device))
 
-    def splice(self, speech: torch.Tensor, speech_lengths: torch.Tensor,
-               targets: list[list[int]] | None = None, with_prefix: bool = True) -> dict[str, torch.Tensor]:
-        """Build left-padded ``inputs_embeds``, ``attention_mask``, ``position_ids`` (+ ``labels``).
+    @staticmethod
+    def flatten(speech: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) padded vectors -> (sum of lengths, d), row-major: the order slots are filled in."""
+        valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < lengths.to(speech.device)[:, None]
+        return speech[valid]
 
-        ``with_prefix=False`` leaves out the prompt prefix (its keys/values come from a cache) and
-        starts the position ids after it.
+    def splice(self, rows: list[list[int]], labels: list[list[int]] | None = None,
+               speech: torch.Tensor | None = None, *, skip_prefix: bool = False, llm=None) -> dict[str, torch.Tensor]:
+        """Left-padded ``inputs_embeds``, ``attention_mask``, ``position_ids`` (+ ``labels``).
+
+        ``speech`` (N, d) fills the ``SPEECH`` slots in row-major order. ``skip_prefix`` leaves out the
+        prompt prefix every row starts with (its keys/values come from a cache) and starts the position
+        ids after it.
         """
-        prefix = self.prompt.prefix_ids if with_prefix else []
-        rows, label_rows = [], []
-        for i, n in enumerate(speech_lengths.tolist()):
-            row = prefix + [_SPEECH] * n + self.prompt.suffix_ids
-            target = targets[i] if targets is not None else []
-            rows.append(row + target)
-            label_rows.append([IGNORE_INDEX] * len(row) + target)
+        llm = llm or self.llm
+        embedding = llm.get_input_embeddings()
+        device = embedding.weight.device
+        cut = len(self.prompt.prefix_ids) if skip_prefix else 0
+        if cut and any(r[:cut] != self.prompt.prefix_ids for r in rows):
+            raise ValueError("skip_prefix needs rows that start with the prompt prefix")
+        rows = [r[cut:] for r in rows]
         width = max(len(r) for r in rows)
-        device = speech.device
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, lab) in enumerate(zip(rows, label_rows)):
-            ids[i, width - len(row):] = torch.tensor(row)
-            labels[i, width - len(row):] = torch.tensor(lab)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-
-        is_speech = ids == _SPEECH
-        embeds = self.llm.get_input_embeddings()(ids.masked_fill(is_speech, self.pad_id))
-        valid = torch.arange(speech.shape[1], device=device)[None, :] < speech_lengths.to(device)[:, None]
-        # Speech positions of a row are contiguous and in order, so row-major order matches.
-        embeds = embeds.masked_scatter(is_speech[..., None], speech[valid].to(embeds.dtype))
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        if not with_prefix:
-            position_ids = position_ids + len(self.prompt.prefix_ids)
+        ids, mask = ids.to(device), mask.to(device)
+        is_speech = ids == SPEECH
+        embeds = embedding(ids.masked_fill(is_speech, self.pad_id))
+        n_slots = int(is_speech.sum())
+        if n_slots:
+            if speech is None or speech.shape[0] != n_slots:
+                raise ValueError(f"{n_slots} speech slots but {0 if speech is None else speech.shape[0]} speech vectors")
+            embeds = embeds.masked_scatter(is_speech[..., None], speech.to(embeds.dtype))
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + cut
         out = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
-        if targets is not None:
-            out["labels"] = labels
+        if labels is not None:
+            lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for i, row in enumerate(labels):
+                row = row[cut:]
+                lab[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            out["labels"] = lab.to(device)
         return out
 
-    # ----------------------------------------------------------------------------- training
-
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Teacher-forced CE over target tokens + EOS (mean over tokens)."""
-        speech, speech_lengths = self.project(feats, lengths)
-        use_cache = self.cfg.prompt.cache_prefix and self.llm_is_frozen() and not self.llm.training
-        inputs = self.splice(speech, speech_lengths, targets, with_prefix=not use_cache)
-        labels = inputs.pop("labels")
-        if use_cache:  # [cached prefix | left padding | speech | suffix | target]
-            inputs["past_key_values"] = self.prefix_cache(inputs["inputs_embeds"].shape[0])
-            prefix_mask = inputs["attention_mask"].new_ones(labels.shape[0], len(self.prompt.prefix_ids))
-            inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
-        # Targets sit at the end of every row (left padding): only the last `keep` positions need
-        # logits, which saves the LM head (vocab x hidden) on the prompt and the speech.
-        keep = max(len(t) for t in targets) + 1
-        logits = self.llm(**inputs, logits_to_keep=keep, use_cache=use_cache).logits
-        shift_labels = labels[:, -keep + 1:]
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX
-        )
-        return {"loss": loss, "n_tokens": (shift_labels != IGNORE_INDEX).sum(), "seq_len": inputs["attention_mask"].shape[1]}
+    # ----------------------------------------------------------------------------- forward
 
     def llm_is_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.llm.parameters())
 
     def train(self, mode: bool = True) -> SpeechLLM:
         super().train(mode)
-        if self.llm_is_frozen():  # a frozen LLM keeps dropout off (and its prefix cache valid)
-            self.llm.eval()
+        for llm in (self.llm, self.teacher_llm):
+            if llm is not None and not any(p.requires_grad for p in llm.parameters()):
+                llm.eval()  # a frozen LLM keeps dropout off (and its prefix cache valid)
         return self
 
-    @torch.no_grad()
-    def prefix_cache(self, batch_size: int):
-        """Keys/values of the fixed prompt prefix, computed once per device/autocast state.
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
 
-        Valid only while the LLM is frozen (no LoRA, no dropout): the prefix's states never change.
+    def labelled_hidden(self, rows: list[list[int]], labels: list[list[int]], speech: torch.Tensor | None = None,
+                        *, llm=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (N, d) at the positions that predict a labelled token, and those tokens.
+
+        Row-major order: two row sets with the same labelled tokens (a student on speech, the teacher
+        on text) give aligned pairs.
+        """
+        llm = llm or self.llm
+        use_cache = (self.cfg.prompt.cache_prefix and not llm.training and not any(p.requires_grad for p in llm.parameters())
+                     and all(r[: len(self.prompt.prefix_ids)] == self.prompt.prefix_ids for r in rows))
+        inputs = self.splice(rows, labels, speech, skip_prefix=use_cache, llm=llm)
+        label_ids = inputs.pop("labels")
+        if use_cache:  # [cached prefix | left padding | rest]
+            inputs["past_key_values"] = self.prefix_cache(len(rows), llm)
+            prefix_mask = inputs["attention_mask"].new_ones(len(rows), len(self.prompt.prefix_ids))
+            inputs["attention_mask"] = torch.cat([prefix_mask, inputs["attention_mask"]], dim=1)
+        hidden = llm.get_decoder()(**inputs, use_cache=use_cache).last_hidden_state
+        predicts = label_ids[:, 1:] != IGNORE_INDEX  # position t predicts the label at t + 1
+        return hidden[:, :-1][predicts], label_ids[:, 1:][predicts]
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Teacher-forced CE over target tokens + EOS (mean over tokens), speech in the prompt's slot."""
+        speech, speech_lengths = self.project(feats, lengths)
+        speech_lengths, truncated = self.fit_to_context(speech_lengths, targets)
+        rows, labels = self.instruction_rows(speech_lengths.tolist(), targets)
+        hidden, target_tokens = self.labelled_hidden(rows, labels, self.flatten(speech, speech_lengths))
+        out = lm_loss(hidden, self.lm_head, target_tokens, chunk_size=self.cfg.loss_chunk_size)
+        return {**out, "seq_len": max(len(r) for r in rows), "truncated": truncated}
+
+    def fit_to_context(self, speech_lengths: torch.Tensor, targets: list[list[int]] | None
+                       ) -> tuple[torch.Tensor, int]:
+        """Cut speech that would push a row past the LLM's context (before any forward, so every rank
+        sees the same shapes it would have seen otherwise); returns the lengths and how many rows were cut."""
+        budget = torch.tensor(self.speech_budget(targets, len(speech_lengths)), device=speech_lengths.device)
+        if (budget < 1).any():
+            raise ValueError(f"prompt + target need {self.max_positions - int(budget.min()) + 1} positions, more than "
+                             f"the LLM's {self.max_positions}: lower prompt.max_target_tokens")
+        cut = speech_lengths > budget
+        return torch.minimum(speech_lengths, budget), int(cut.sum())
+
+    @torch.no_grad()
+    def prefix_cache(self, batch_size: int, llm=None):
+        """Keys/values of the fixed prompt prefix, computed once per LLM/device/autocast state.
+
+        Valid only while that LLM is frozen (no LoRA, no dropout): the prefix's states never change.
         """
         from transformers import DynamicCache
 
-        device = self.llm.get_input_embeddings().weight.device
-        key = (device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        llm = llm or self.llm
+        device = llm.get_input_embeddings().weight.device
+        key = (id(llm), device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         if getattr(self, "_prefix_kv", (None,))[0] != key:
             ids = torch.tensor([self.prompt.prefix_ids], device=device)
-            cache = self.llm(input_ids=ids, use_cache=True).past_key_values
+            cache = llm(input_ids=ids, use_cache=True).past_key_values
             self._prefix_kv = (key, [(layer.keys, layer.values) for layer in cache.layers])
         # A fresh cache per step: the forward appends to it.
         layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self._prefix_kv[1]]
-        return DynamicCache(ddp_cache_data=layers, config=self.llm.config)
+        return DynamicCache(ddp_cache_data=layers, config=llm.config)
+
+    # ----------------------------------------------------------------------------- the teacher
+
+    def attach_frozen_teacher(self) -> None:
+        """A frozen copy of the *original* LLM (rebuilt from its id/config, never from trained
+        weights): the distillation teacher when the LLM itself is fully fine-tuned."""
+        if self.teacher_llm is None:
+            cfg = OmegaConf.merge(self.cfg.llm, {"freeze": True, "lora": {"enabled": False}})
+            self.teacher_llm, _ = build_llm(cfg)
+            self.teacher_llm.to(self.llm.get_input_embeddings().weight.device)
+
+    @contextlib.contextmanager
+    def original_llm(self):
+        """Yields the original text LLM: a frozen copy when the LLM is fully trained, else the same
+        weights with any LoRA adapters switched off (never through them)."""
+        if self.teacher_llm is not None:
+            yield self.teacher_llm
+        elif hasattr(self.llm, "disable_adapter"):
+            with self.llm.disable_adapter():
+                yield self.llm
+        elif self.llm_is_frozen():
+            yield self.llm
+        else:
+            raise RuntimeError("the LLM is trained without LoRA: call attach_frozen_teacher() first")
 
     # ----------------------------------------------------------------------------- inference
 
     @torch.no_grad()
     def generate(self, feats: torch.Tensor, lengths: torch.Tensor, gen: GenerationConfig | None = None) -> list[str]:
-        return self.generate_from_embeddings(*self.project(feats, lengths), gen)
+        speech, speech_lengths = self.project(feats, lengths)
+        speech_lengths, _ = self.fit_to_context(speech_lengths, None)
+        return self.generate_rows(self.instruction_rows(speech_lengths.tolist())[0],
+                                  self.flatten(speech, speech_lengths), gen, speech_lengths)
 
     @torch.no_grad()
-    def generate_from_embeddings(self, embeds: torch.Tensor, lengths: torch.Tensor,
-                                 gen: GenerationConfig | None = None) -> list[str]:
-        """Generate with ``embeds`` (already in the LLM's space) in the speech slot of the prompt."""
+    def generate_rows(self, rows: list[list[int]], speech: torch.Tensor | None = None,
+                      gen: GenerationConfig | None = None, speech_lengths: torch.Tensor | None = None) -> list[str]:
+        """Continue each row (left-padded, batched: equal to one by one) and decode the new tokens."""
         gen = gen or self.cfg.generation
         max_new = gen.max_new_tokens
-        if gen.max_new_tokens_per_speech_vector > 0:
-            max_new = min(max_new, math.ceil(gen.max_new_tokens_per_speech_vector * int(lengths.max())) + 4)
-        inputs = self.splice(embeds, lengths)
+        if gen.max_new_tokens_per_speech_vector > 0 and speech_lengths is not None:
+            max_new = min(max_new, math.ceil(gen.max_new_tokens_per_speech_vector * int(speech_lengths.max())) + 4)
+        inputs = self.splice(rows, speech=speech)
         inputs.pop("position_ids")  # generate() derives them from the attention mask, step by step
         out = self.llm.generate(
             **inputs, max_new_tokens=max_new, num_beams=gen.num_beams, do_sample=False,
@@ -204,13 +301,9 @@ class SpeechLLM(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     @torch.no_grad()
-    def embed_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LLM's own input embeddings of each text: what the speech slot would hold as text."""
-        table = self.llm.get_input_embeddings()
-        rows = [table(torch.tensor(self.tokenizer(t, add_special_tokens=False).input_ids or [self.pad_id],
-                                   device=table.weight.device)) for t in texts]
-        lengths = torch.tensor([r.shape[0] for r in rows], device=table.weight.device)
-        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
+    def generate_from_text(self, texts: list[str], gen: GenerationConfig | None = None) -> list[str]:
+        """The same prompt with each text's tokens in the speech slot (the LLM's text ceiling)."""
+        return self.generate_rows(self.instruction_rows(self.text_ids(texts))[0], gen=gen)
 
     def transcribe(self, waveforms: list[torch.Tensor], gen: GenerationConfig | None = None) -> list[str]:
         feats, lengths = self.encoder.encode_speech(waveforms)

@@ -15,6 +15,7 @@ PREPARE_STEPS = {
     "demo-data": "stages.prepare_demo_data",
     "ctc-head": "stages.prepare_ctc_head",
     "posterior-stats": "stages.prepare_posterior_stats",
+    "word-times": "stages.prepare_word_times",
 }
 
 

@@ -39,7 +39,7 @@ def baselines(model: SpeechLLM, manifest: str, limit: int, batch_size: int = 8) 
         out["ctc_greedy_wer"] = corpus_errors(refs, hyps)[0].wer
     hyps = []
     for chunk in tqdm(list(_batches(refs, batch_size)), desc="LLM ceiling (text input)", leave=False):
-        hyps += model.generate_from_embeddings(*model.embed_text(chunk))
+        hyps += model.generate_from_text(chunk)
     out["llm_text_ceiling_wer"] = corpus_errors(refs, hyps)[0].wer
     out["llm_text_ceiling_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
     return out

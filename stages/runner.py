@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,37 @@ def _precision(name: str) -> str:
     return "32-true"
 
 
-def build_trainer(cfg: StageConfig, stage_dir: StageDir) -> L.Trainer:
+def is_rank_zero() -> bool:
+    """Whether this process is the job's first (from the launcher's environment: Lightning, torchrun,
+    SLURM): only it writes run-directory state."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return (_get_rank() or 0) == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def build_strategy(cfg: StageConfig, module):
+    """DDP (default for several devices) or FSDP, with a bounded collective timeout: a rank that dies
+    ends the others within ``trainer.collective_timeout_s`` instead of hanging them."""
+    t = cfg.trainer
+    devices = t.devices if isinstance(t.devices, int) else (torch.cuda.device_count() if t.devices in ("auto", -1) else len(t.devices))
+    several = (devices or 1) > 1 or t.num_nodes > 1
+    timeout = timedelta(seconds=t.collective_timeout_s)
+    # A batch of plain text (SALAD's text share) leaves the projector unused on that step.
+    unused = any(src.kind == "text" for src in cfg.data.sources.values())
+    if t.strategy == "ddp" or (t.strategy == "auto" and several):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=unused, timeout=timeout)
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # Shard by decoder layer; use_orig_params keeps frozen and trained weights in one module.
+        layer = type(module.model.llm.get_decoder().layers[0])
+        return FSDPStrategy(auto_wrap_policy={layer}, use_orig_params=True, timeout=timeout)
+    return t.strategy
+
+
+def build_trainer(cfg: StageConfig, stage_dir: StageDir, module) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -147,30 +178,48 @@ def build_trainer(cfg: StageConfig, stage_dir: StageDir) -> L.Trainer:
         save_top_k=t.keep_last_checkpoints, monitor="step", mode="max",
     )
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(cfg, module),
         precision=_precision(t.precision), max_steps=t.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val or None,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0,
+        # The data module shards every loader itself (resumable batch streams, padded eval sets).
+        use_distributed_sampler=False,
         logger=TensorBoardLogger(str(stage_dir.root), name="tb", version=""),
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), ProgressFile(stage_dir.progress), StepTimer()],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(stage_dir.root), enable_model_summary=False,
     )
 
 
-def build_datamodule(cfg: StageConfig):
+# What a stage trains on when `data.train` is given without named sources.
+DEFAULT_SOURCE_KIND = {"align": "simulated", "asr": "speech", "distill": "speech", "select": "speech"}
+
+
+def build_datamodule(cfg: StageConfig, module):
     from datamodules.speech_text import SpeechTextDataModule
 
-    return SpeechTextDataModule(cfg, train_on="text" if cfg.kind == "align" else "speech")
+    datamodule = SpeechTextDataModule(cfg, DEFAULT_SOURCE_KIND[cfg.kind], tokenizer=module.model.tokenizer)
+    for name, src in datamodule.source_configs().items():
+        if src.kind not in module.source_kinds:
+            raise ConfigError(f"data.sources.{name}: stage kind {cfg.kind!r} trains on {module.source_kinds}, "
+                              f"not {src.kind!r}")
+    return datamodule
+
+
+def has_validation(cfg: StageConfig) -> bool:
+    """Validation runs WER sets and the held-out measures (M/F, multiple choice)."""
+    return bool(cfg.data.val or cfg.measures.sets or cfg.measures.multiple_choice)
 
 
 def evaluate(trainer: L.Trainer, module, datamodule, cfg: StageConfig, both: bool = False) -> dict[str, float]:
     """WER on the test sets (and the validation sets if ``both``, or if there are no test sets)."""
     out: dict[str, float] = {}
-    if cfg.data.val and (both or not cfg.data.test):
-        out.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    if has_validation(cfg) and (both or not cfg.data.test):
+        for per_loader in trainer.validate(module, datamodule=datamodule, verbose=False):
+            out.update(per_loader)
     if cfg.data.test:
-        out.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+        for per_loader in trainer.test(module, datamodule=datamodule, verbose=False):
+            out.update(per_loader)
     return {k: float(v) for k, v in out.items()}
 
 
@@ -184,13 +233,13 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.time()
-    module = STAGE_MODULES[cfg.kind](cfg)
-    datamodule = build_datamodule(cfg)
-    trainer = build_trainer(cfg, stage_dir)
+    module = STAGE_MODULES[cfg.kind](cfg, stage_dir.root)
+    datamodule = build_datamodule(cfg, module)
+    trainer = build_trainer(cfg, stage_dir, module)
     resume = stage_dir.last_ckpt if stage_dir.last_ckpt.is_file() else None
     if resume and trainer.is_global_zero:
         print(f"[runner] resuming {stage_dir.root} from {resume}", flush=True)
-    if resume is None and cfg.trainer.evaluate_before_training and (cfg.data.test or cfg.data.val):
+    if resume is None and cfg.trainer.evaluate_before_training and (cfg.data.test or has_validation(cfg)):
         # The starting point's WER (e.g. the untrained projector), logged at step 0 and kept.
         initial = evaluate(trainer, module, datamodule, cfg)
         if trainer.is_global_zero:
@@ -209,6 +258,7 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         **(loss_curve(stage_dir.root / "tb") if trainer.is_global_zero else {}),
         **final,
         **{f"skipped/{k}": v for k, v in getattr(datamodule, "skipped", {}).items()},
+        **{f"skipped/{k}": v for k, v in module.counters.items()},
     }
     if trainer.is_global_zero:
         module.model.save_pretrained(stage_dir.model)
@@ -254,17 +304,20 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, 
     if unknown:
         raise ConfigError(f"{pipeline_path}: no stage named {sorted(unknown)} (have {[n for n, _, _ in stages]})")
     results = {}
+    rank_zero = is_rank_zero()
     for name, stage_dir, cfg in stages:
         if only and name not in only:
             continue
-        if stage_dir.config.is_file():
+        # Every rank checks (read-only); only rank zero clears or writes. Under --redo the others
+        # skip the check: rank zero is clearing what they would be comparing against.
+        if stage_dir.config.is_file() and (rank_zero or not redo):
             changed = _config_diff(stage_dir.config.read_text(), cfg)
             if changed and not redo:
                 raise ConfigError(
                     f"stage {name!r}: {stage_dir.root} was run with a different config (changed: "
                     f"{', '.join(changed[:8])}). Re-run with --redo to start this stage over, or use another --run-dir."
                 )
-            if changed or (redo and only and name in only):
+            if rank_zero and (changed or (redo and only and name in only)):
                 print(f"[runner] --redo: clearing {stage_dir.root}", flush=True)
                 shutil.rmtree(stage_dir.root)
         if stage_dir.done.is_file():
@@ -273,10 +326,11 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, 
             continue
         if cfg.init_from and not (Path(cfg.init_from) / "trainable.safetensors").is_file():
             raise ConfigError(f"stage {name!r}: init_from {cfg.init_from} has no exported model (run the earlier stage first)")
-        stage_dir.root.mkdir(parents=True, exist_ok=True)
-        if not stage_dir.config.is_file():
-            stage_dir.config.write_text(to_yaml(cfg))
-        print(f"[runner] running stage {name!r} ({cfg.kind}) into {stage_dir.root}", flush=True)
+        if rank_zero:
+            stage_dir.root.mkdir(parents=True, exist_ok=True)
+            if not stage_dir.config.is_file():
+                stage_dir.config.write_text(to_yaml(cfg))
+            print(f"[runner] running stage {name!r} ({cfg.kind}) into {stage_dir.root}", flush=True)
         results[name] = run_stage(cfg, stage_dir)
     return results
 

@@ -17,7 +17,7 @@ def test_splice_left_pads_masks_and_positions(tiny_model):
     feats, lengths = encode(m, texts)
     speech, speech_len = m.project(feats, lengths)
     targets = m.target_ids(texts)
-    inputs = m.splice(speech, speech_len, targets)
+    inputs = m.splice(*m.instruction_rows(speech_len.tolist(), targets), m.flatten(speech, speech_len))
     prefix, suffix = len(m.prompt.prefix_ids), len(m.prompt.suffix_ids)
     for i in range(2):
         n = prefix + int(speech_len[i]) + suffix + len(targets[i])
@@ -42,7 +42,8 @@ def test_loss_equals_full_logits_reference(tiny_model):
     targets = m.target_ids(texts)
     loss = m(feats, lengths, targets)["loss"]
     # Reference: all logits, then a per-token loop over the labelled positions.
-    inputs = m.splice(*m.project(feats, lengths), targets)
+    speech, speech_len = m.project(feats, lengths)
+    inputs = m.splice(*m.instruction_rows(speech_len.tolist(), targets), m.flatten(speech, speech_len))
     labels = inputs.pop("labels")
     logits = m.llm(**inputs).logits.log_softmax(-1)
     terms = [-logits[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, labels.shape[1]) if labels[b, t] != IGNORE_INDEX]

@@ -72,10 +72,12 @@ class UnifiedEncoder(SpeechEncoder):
 
     ``encode_text`` takes raw strings and, for stochastic text sides such as CPS, one
     ``torch.Generator`` per text (so a sample's simulated input depends only on its own seed,
-    which keeps resumed runs identical to uninterrupted ones).
+    which keeps resumed runs identical to uninterrupted ones). ``cps`` replaces the simulation's
+    rates for this call (a curriculum makes simulated input harder over training); a deterministic
+    text side ignores it. A learned simulator (TASU2) would be another implementation of this call.
     """
 
     def encode_text(
-        self, texts: list[str], generators: list[torch.Generator] | None = None
+        self, texts: list[str], generators: list[torch.Generator] | None = None, cps=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -194,15 +194,17 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         return label_synchronous_compress(probs, lengths.to(probs.device), self.blank_id, self.blank_threshold)
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], generators: list[torch.Generator] | None = None):
+    def encode_text(self, texts: list[str], generators: list[torch.Generator] | None = None,
+                    cps: CPSConfig | None = None):
         generators = generators or [None] * len(texts)
+        cps = cps or self.cps
         rows = []
         for text, g in zip(texts, generators):
             ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
-            if self.stats is not None and torch.rand((), generator=g) < self.cps.matched_share:
+            if self.stats is not None and torch.rand((), generator=g) < cps.matched_share:
                 rows.append(simulate_matched_posteriors(ids, self.stats, self.output_dim, g))
             else:
-                rows.append(simulate_ctc_posteriors(ids, self.output_dim, self.blank_id, self.cps, g))
+                rows.append(simulate_ctc_posteriors(ids, self.output_dim, self.blank_id, cps, g))
         rows = [r if r.shape[0] else torch.zeros(1, self.output_dim) for r in rows]  # never empty
         return pad_sequences(rows)
 

@@ -103,9 +103,9 @@ class DualTowerEncoder(UnifiedEncoder):
 
     @torch.no_grad()
     def encode_text(
-        self, texts: list[str], generators: list[torch.Generator] | None = None
+        self, texts: list[str], generators: list[torch.Generator] | None = None, cps=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text tower states; ``generators`` is ignored (the tower is deterministic)."""
+        """Text tower states; ``generators`` and ``cps`` are ignored (the tower is deterministic)."""
         batch = self.tokenizer(texts, padding="longest", padding_side="right", return_tensors="pt")
         device = self.text_encoder.layer_norm.weight.device
         valid = batch["attention_mask"].to(device).bool()

@@ -1,0 +1,51 @@
+"""Stage 2, ``asr``: curriculum ASR fine-tuning (TASU's curriculum, TASU2's controlled difficulty).
+
+Starts from stage 1's projector (``init_from``) and trains on real speech through the encoder path
+(LSD-compressed CTC posteriors, or frame-stacked states of a continuous encoder such as Whisper),
+mixed batch by batch with input simulated from text. The mixture follows each source's share ramp;
+the simulation's difficulty (CPS smoothing, deletion, insertion) follows ``data.difficulty``. Both
+are logged to TensorBoard as they change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from omegaconf import OmegaConf
+
+from lightning_modules.base import SpeechLLMModule
+from speechllm.config import CPSConfig
+from speechllm.encoders.base import UnifiedEncoder
+from speechllm.schedules import ramp
+
+
+class CurriculumASRModule(SpeechLLMModule):
+    source_kinds = ("speech", "simulated")
+
+    def __init__(self, cfg, stage_dir=None):
+        super().__init__(cfg, stage_dir)
+        uses_simulation = any(s.kind == "simulated" for s in cfg.data.sources.values())
+        if uses_simulation and not isinstance(self.model.encoder, UnifiedEncoder):
+            raise ValueError(f"a `simulated` source needs an encoder with a text side (ctc or dual_tower), "
+                             f"not encoder.kind={cfg.model.encoder.kind!r}")
+
+    def simulation_rates(self, step: int) -> CPSConfig:
+        """The encoder's CPS rates with every ramp of ``data.difficulty`` applied at ``step``."""
+        rates = OmegaConf.to_object(self.cfg.model.encoder.cps)
+        changes = {name: ramp(r.kind, r.start, r.end, r.start_step, r.end_step, step)
+                   for name, r in self.cfg.data.difficulty.items() if r is not None}
+        return dataclasses.replace(rates, **changes)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        encoder = self.model.encoder
+        if batch["kind"] == "speech":
+            feats, lengths = encoder.encode_speech(batch["waveform"])
+        else:
+            rates = self.simulation_rates(self.global_step)
+            feats, lengths = encoder.encode_text(batch["text"], self.sample_generators(batch), cps=rates)
+            for name in ("smoothing_max", "keep_prob", "insert_prob"):
+                self.log(f"curriculum/cps/{name}", float(getattr(rates, name)), batch_size=len(batch["id"]))
+        out = self.model(feats, lengths, self.model.target_ids(batch["target"]))
+        self.log_step(out, batch)
+        return out["loss"]

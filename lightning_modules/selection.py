@@ -1,0 +1,81 @@
+"""Stage 4, ``select``: active misalignment-driven selection, then distillation (SALAD stage II).
+
+Starts from stage 3's model (``init_from``). Before the first step, :func:`stages.selection.run_selection`
+clusters the text pool, probes each cluster's misalignment with this model, draws texts from
+P_target(c) ∝ P_web(c) M(c)^gamma and synthesises them; the synthetic set becomes the
+``selection.source`` training source, next to natural speech and text (equal shares by default).
+Training itself is stage 3's distillation step, unchanged. TensorBoard gets the per-cluster M as a
+figure, the selection histogram, a few synthesised clips and the selection report.
+"""
+
+from __future__ import annotations
+
+from lightning_modules.distillation import DistillModule
+from stages.selection import run_selection, seconds_of
+
+
+class SelectModule(DistillModule):
+    def __init__(self, cfg, stage_dir=None):
+        super().__init__(cfg, stage_dir)
+        sel = cfg.selection
+        if sel.source not in cfg.data.sources:
+            raise ValueError(f"selection.source {sel.source!r} is not one of data.sources {list(cfg.data.sources)}")
+        if not sel.pool:
+            raise ValueError("selection.pool: the text pool to select from is not set")
+        self.selection_report: dict | None = None
+
+    def on_fit_start(self) -> None:
+        if self.stage_dir is None:
+            raise ValueError("the select stage needs its stage directory (run it through the stage runner)")
+        sel, sources = self.cfg.selection, self.cfg.data.sources
+        natural = sources.get(sel.natural)
+        natural_texts = set()
+        seconds = 0.0
+        if natural is not None and natural.manifest:
+            from datamodules.manifest import load_manifest
+
+            natural_texts = {" ".join(u.text.split()) for u in load_manifest(natural.manifest)}
+            seconds = seconds_of(natural.manifest) if sel.budget_unit == "fraction" else 0.0
+        elif sel.budget_unit == "fraction":
+            raise ValueError(f"selection.budget_unit fraction needs the natural source {sel.natural!r} in data.sources")
+        was_training = self.model.training
+        self.model.eval()
+        self.selection_report = run_selection(self.model, self.cfg, self.stage_dir / "selection",
+                                              natural_seconds=seconds, exclude_texts=natural_texts)
+        self.model.train(was_training)
+        self.trainer.datamodule.manifest_overrides[sel.source] = self.selection_report["manifest"]
+        if self.global_rank == 0:
+            self.log_selection(self.selection_report)
+
+    def log_selection(self, report: dict) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import torch
+
+        from datamodules.manifest import load_audio, load_manifest
+
+        clusters = sorted(report["clusters"], key=lambda r: r["cluster"])
+        fig, axes = plt.subplots(2, 1, figsize=(max(6, len(clusters) * 0.12), 6), sharex=True)
+        axes[0].bar([r["cluster"] for r in clusters], [r["M"] for r in clusters])
+        axes[0].set_ylabel("misalignment M(c)")
+        axes[1].bar([r["cluster"] for r in clusters], [r["selected"] for r in clusters], color="tab:orange")
+        axes[1].set_ylabel("texts selected")
+        axes[1].set_xlabel("cluster")
+        fig.tight_layout()
+        experiment.add_figure("selection/misalignment_and_selection", fig, self.global_step)
+        selected = torch.tensor([r["cluster"] for r in clusters for _ in range(r["selected"])], dtype=torch.float)
+        if len(selected):
+            experiment.add_histogram("selection/selected_clusters", selected, self.global_step)
+        from stages.selection import report_markdown
+
+        experiment.add_text("selection/report", report_markdown(report), self.global_step)
+        manifest = report["manifest"]
+        for utt in load_manifest(manifest, require_audio=True)[:3]:
+            rate = self.model.encoder.sample_rate
+            experiment.add_audio(f"selection/samples/{utt.id}", load_audio(utt.audio, rate)[None], self.global_step,
+                                 sample_rate=rate)

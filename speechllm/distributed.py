@@ -1,0 +1,39 @@
+"""The few collectives the stages need outside a training step, on plain ``torch.distributed``
+(one process: each is the identity). Every rank must call them in the same order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if initialized() else (0, 1)
+
+
+def barrier() -> None:
+    if initialized():
+        torch.distributed.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not initialized():
+        return [obj]
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank zero's ``obj`` on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

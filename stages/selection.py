@@ -1,0 +1,215 @@
+"""SALAD stage II's data selection (PAPERS.md §3.3), run by the ``select`` stage before it trains.
+
+1. embed the text pool and cluster it ((balanced) k-means): P_web(c) = the pool's share in c;
+2. probe: synthesise a few texts per cluster once, and measure each cluster's misalignment M(c)
+   with the current (stage-3) model, sharded across ranks and gathered;
+3. P_target(c) ∝ P_web(c) M(c)^gamma; draw texts (cluster from P_target, text uniformly inside it)
+   until the budget; gamma = 0 is the uniform baseline;
+4. synthesise the selection (sharded, resumable item by item) and write its manifest atomically.
+
+Every step is cached under ``<stage>/selection/`` with the settings it depends on, so a killed or
+resumed stage redoes nothing. Rank zero writes; every rank reads after a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from datamodules.manifest import load_audio, load_manifest, write_manifest
+from speechllm.clustering import cluster_shares, kmeans
+from speechllm.config import StageConfig
+from speechllm.distributed import all_gather_objects, barrier, rank_and_world
+from speechllm.embedding import build_embedder
+from speechllm.measures import misalignment_forgetting
+from speechllm.model import SpeechLLM
+from speechllm.selection import draw_selection, selection_histogram, target_distribution
+from speechllm.synthesis import SynthesisItem, chunk_words, manifest_rows, synthesize_items
+
+
+def _key(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, key: str) -> Any | None:
+    if path.is_file():
+        data = torch.load(path, weights_only=False) if path.suffix == ".pt" else json.loads(path.read_text())
+        if data.get("key") == key:
+            return data
+    return None
+
+
+def _save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".pt":
+        torch.save(data, tmp)
+    else:
+        tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _rank_zero_computes(path: Path, key: str, compute) -> Any:
+    """Rank zero computes (unless cached) and saves; every rank loads after a barrier."""
+    rank, _ = rank_and_world()
+    if rank == 0 and _cached(path, key) is None:
+        _save(path, {"key": key, **compute()})
+    barrier()
+    return _cached(path, key)
+
+
+def cluster_pool(texts: list[str], cfg, out: Path, pool_key: dict) -> dict:
+    sel = cfg.selection
+    key = _key({"pool": pool_key, "embedder": sel.embedder, "k": sel.clusters, "balanced": sel.balanced,
+                "iters": sel.kmeans_iters, "seed": sel.seed})
+
+    def compute() -> dict:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        embeddings = build_embedder(sel.embedder, device=device).encode(texts, progress=True).to(device)
+        k = min(sel.clusters, len(texts))
+        centroids, assignment = kmeans(embeddings, k, iters=sel.kmeans_iters, seed=sel.seed, balanced=sel.balanced)
+        return {"assignment": assignment.cpu(), "centroids": centroids.cpu(), "k": k}
+
+    return _rank_zero_computes(out / "clusters.pt", key, compute)
+
+
+def synthesis_items(indices: list[int], ids: list[str], texts: list[str], prefix: str, cfg) -> list[SynthesisItem]:
+    sel = cfg.selection
+    rng = random.Random(f"{sel.seed}/{prefix}")
+    return [SynthesisItem(f"{prefix}-{ids[i]}", texts[i], sel.voices[n % len(sel.voices)],
+                          chunks=chunk_words(texts[i], tuple(sel.chunk_words), rng))
+            for n, i in enumerate(indices)]
+
+
+@torch.no_grad()
+def probe_misalignment(model: SpeechLLM, cfg: StageConfig, probes: list[SynthesisItem], folder: Path,
+                       results: dict[str, dict]) -> dict[str, dict]:
+    """Per probe item (this rank's shard): ``m_sum``/``m_count`` with the current model."""
+    distill, out = cfg.distill, {}
+    shard = [p for p in probes if p.id in results]
+    batch = cfg.measures.batch_size
+    rank, _ = rank_and_world()
+    for start in tqdm(range(0, len(shard), batch), desc="probe misalignment", unit="batch", disable=rank != 0):
+        items = shard[start : start + batch]
+        rows = misalignment_forgetting(
+            model, [load_audio(folder / p.audio, model.encoder.sample_rate) for p in items],
+            [results[p.id]["words"] for p in items], [p.text for p in items],
+            [int(hashlib.sha1(p.id.encode()).hexdigest()[:8], 16) for p in items], fmt=distill.format,
+            text_words=tuple(distill.text_span_words), speech_words=tuple(distill.speech_span_words))
+        out.update({p.id: {"m_sum": r["m_sum"], "m_count": r["m_count"]} for p, r in zip(items, rows)})
+    return out
+
+
+def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seconds: float,
+                  exclude_texts: set[str]) -> dict:
+    """Run (or reuse) the whole selection; returns the report (with ``manifest``, the synthetic set)."""
+    sel = cfg.selection
+    rank, world = rank_and_world()
+    pool = load_manifest(sel.pool)
+    ids, texts = [u.id for u in pool], [u.text for u in pool]
+    topics = [str(u.meta.get("topic", "")) for u in pool]
+    stat = Path(sel.pool).stat()
+    pool_key = {"path": str(Path(sel.pool).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+
+    clusters = cluster_pool(texts, cfg, out, pool_key)
+    k, assignment = clusters["k"], clusters["assignment"]
+    p_web = cluster_shares(assignment, k)
+
+    # Probes: a few texts per cluster, never selected later.
+    rng = random.Random(sel.seed)
+    members = [torch.nonzero(assignment == c).flatten().tolist() for c in range(k)]
+    probe_idx = [i for c in range(k) for i in rng.sample(members[c], min(sel.probe_per_cluster, len(members[c])))]
+    probes = synthesis_items(probe_idx, ids, texts, "probe", cfg)
+    probe_dir = out / "probes"
+    probe_results = synthesize_items(probes, probe_dir, workers=sel.workers, rank=rank, world_size=world,
+                                     progress=rank == 0, desc="tts probes")
+    barrier()
+    # The model is the stage's starting point (init_from); a new one means a new stage directory.
+    m_key = _key({"clusters": clusters["key"], "probes": [p.id for p in probes], "voices": list(sel.voices),
+                  "distill": dict(cfg.distill)})
+    per_item = {}
+    if _cached(out / "misalignment.json", m_key) is None:
+        for part in all_gather_objects(probe_misalignment(model, cfg, probes, probe_dir, probe_results)):
+            per_item.update(part)
+        cluster_of = {p.id: int(assignment[i]) for p, i in zip(probes, probe_idx)}
+        sums, counts = [0.0] * k, [0] * k
+        for pid, r in per_item.items():
+            sums[cluster_of[pid]] += r["m_sum"]
+            counts[cluster_of[pid]] += r["m_count"]
+        m = [s / c if c else 0.0 for s, c in zip(sums, counts)]
+        if rank == 0:
+            _save(out / "misalignment.json", {"key": m_key, "M": m, "positions": counts, "items": per_item})
+        barrier()
+    m = torch.tensor(_cached(out / "misalignment.json", m_key)["M"], dtype=torch.float64)
+
+    p_target = target_distribution(p_web, m, sel.gamma)
+    n_words = [len(t.split()) for t in texts]
+    costs = {"texts": [1.0] * len(texts), "words": [float(n) for n in n_words]}.get(
+        sel.budget_unit, [n / sel.words_per_second for n in n_words])
+    if sel.budget_unit not in ("texts", "words", "seconds", "fraction"):
+        raise ValueError(f"selection.budget_unit must be texts | words | seconds | fraction, not {sel.budget_unit!r}")
+    budget = sel.budget * natural_seconds if sel.budget_unit == "fraction" else sel.budget
+    exclude = set(probe_idx) | {i for i, t in enumerate(texts) if " ".join(t.split()) in exclude_texts}
+    chosen = draw_selection(assignment, p_target, costs, budget, seed=sel.seed, exclude=exclude)
+
+    selected = synthesis_items(chosen, ids, texts, "sel", cfg)
+    synth_dir = out / "synthetic"
+    synthesize_items(selected, synth_dir, workers=sel.workers, rank=rank, world_size=world,
+                     progress=rank == 0, desc="tts selection")
+    barrier()
+    manifest = synth_dir / "selected.jsonl"
+    report = selection_report(k, p_web, m, p_target, assignment, chosen, texts, topics, budget, costs, sel)
+    report["manifest"] = str(manifest)
+    if rank == 0:
+        results = synthesize_items(selected, synth_dir, workers=1, progress=False)  # all finished: reads only
+        extra = {item.id: {"topic": topics[i], "cluster": int(assignment[i])} for item, i in zip(selected, chosen)}
+        write_manifest(manifest, manifest_rows(selected, results, extra))
+        report["synthesised_seconds"] = round(sum(r["duration"] for r in results.values()), 1)
+        _save(out / "report.json", report)
+        (out / "report.md").write_text(report_markdown(report))
+    barrier()
+    return json.loads((out / "report.json").read_text())
+
+
+def selection_report(k, p_web, m, p_target, assignment, chosen, texts, topics, budget, costs, sel) -> dict:
+    hist = selection_histogram(assignment, torch.tensor(chosen, dtype=torch.long), k).tolist()
+    clusters = []
+    for c in range(k):
+        members = torch.nonzero(assignment == c).flatten().tolist()
+        top = Counter(topics[i] for i in members).most_common(3)
+        clusters.append({"cluster": c, "size": len(members), "p_web": float(p_web[c]), "M": float(m[c]),
+                         "p_target": float(p_target[c]), "selected": hist[c],
+                         "topics": [{"topic": t, "share": round(n / max(len(members), 1), 3)} for t, n in top],
+                         "examples": [texts[i][:120] for i in members[:2]]})
+    selected_topics = Counter(topics[i] for i in chosen)
+    return {"gamma": sel.gamma, "clusters_k": k, "budget": budget, "budget_unit": sel.budget_unit,
+            "selected": len(chosen), "selected_cost": round(sum(costs[i] for i in chosen), 2),
+            "selected_topics": dict(selected_topics.most_common()),
+            "clusters": sorted(clusters, key=lambda r: -r["M"])}
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# Selection (gamma {report['gamma']}, K {report['clusters_k']})", "",
+             f"{report['selected']} texts selected for a budget of {report['budget']:.1f} {report['budget_unit']}"
+             f" ({report.get('synthesised_seconds', 0)} s synthesised).", "",
+             "| cluster | M | P_web | P_target | selected | top topics | example |", "|---|---|---|---|---|---|---|"]
+    for r in report["clusters"]:
+        topics = ", ".join(f"{t['topic']} {t['share']:.0%}" for t in r["topics"])
+        example = r["examples"][0].replace("|", "/") if r["examples"] else ""
+        lines.append(f"| {r['cluster']} | {r['M']:.4f} | {r['p_web']:.3f} | {r['p_target']:.3f} | {r['selected']} "
+                     f"| {topics} | {example} |")
+    lines += ["", "Selected topics: " + ", ".join(f"{t} {n}" for t, n in report["selected_topics"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def seconds_of(manifest: str) -> float:
+    """Speech seconds of a manifest (its `duration` fields)."""
+    return sum(u.duration or 0.0 for u in load_manifest(manifest, require_audio=True))
+
