@@ -12,6 +12,10 @@ DEMO_DATA   := data/$(if $(filter full,$(SCALE)),demo-full,demo)
 CTC_HEAD    := .cache/assets/ctc-head-whisper-tiny.en$(if $(filter full,$(SCALE)),-full,)
 RUN_DIR     ?= runs
 ARGS        ?=
+# Multi-device runs through Lightning (DDP by default): `make stage2 DEVICES=2`, `NODES=2` with SLURM/torchrun.
+DEVICES     ?=
+NODES       ?=
+RUN_ARGS    = --scale $(SCALE) --run-dir $(RUN_DIR) $(if $(DEVICES),trainer.devices=$(DEVICES)) $(if $(NODES),trainer.num_nodes=$(NODES)) $(ARGS)
 # torch is installed first and pinned, so no other package can pull a multi-GB CUDA build over it.
 # On these machines pip takes the CPU wheel that lies on disk; on a GPU node PyPI's default (CUDA)
 # build is the right one. Elsewhere, a CPU-only install can add PyTorch's CPU index:
@@ -22,14 +26,17 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts for
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps assets test test-fast stage1 demo demo-data ctc-head report status tensorboard lint bench clean
+.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head report status tensorboard lint bench faults clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
 	@echo "make test         set up, install the demo assets, run every test (slow ones included)"
 	@echo "make test-fast    only the fast tests on tiny random models"
-	@echo "make demo         the whole embedded-default pipeline (assets, data, CTC head, stage 1, report)"
-	@echo "make stage1       stage 1 (align) of PIPELINE=$(PIPELINE)"
+	@echo "make demo         the whole embedded-default pipeline (assets, data, CTC head, stages 1-4, report)"
+	@echo "make stage1       stage 1 (align) of PIPELINE=$(PIPELINE); stage2 (asr), stage3 (distill), stage4 (select)"
+	@echo "                  SCALE=full, DEVICES=2, NODES=2, ARGS='key=value ...' apply to each"
+	@echo "make faults       fault injection on the tiny pipeline: what happened, data lost"
+	@echo "make bench        stage-1 levers, distillation/NLL step time, chunked-loss memory"
 	@echo "make status       where PIPELINE stands"
 	@echo "make tensorboard  TensorBoard over $(RUN_DIR)/"
 	@echo "make lint         ruff"
@@ -81,7 +88,7 @@ ctc-head: demo-data assets
 	$(call TIMED,$(PY) -m stages prepare ctc-head --train $(DEMO_DATA)/speech/train.jsonl --eval $(DEMO_DATA)/speech/dev.jsonl --text $(DEMO_DATA)/text/train.jsonl --out $(CTC_HEAD),CTC head on Whisper tiny.en)
 
 demo: ctc-head
-	$(call TIMED,$(PY) -m stages run $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR) $(ARGS),pipeline stages)
+	$(call TIMED,$(PY) -m stages run $(PIPELINE) $(RUN_ARGS),pipeline stages)
 	$(call TIMED,$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR),report)
 
 report: setup
@@ -91,7 +98,16 @@ report: setup
 STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),ctc-head,setup)
 
 stage1: $(STAGE_DEPS)
-	$(PY) -m stages run $(PIPELINE) --only align --scale $(SCALE) --run-dir $(RUN_DIR) $(ARGS)
+	$(PY) -m stages run $(PIPELINE) --only align $(RUN_ARGS)
+
+stage2: $(STAGE_DEPS)
+	$(PY) -m stages run $(PIPELINE) --only asr $(RUN_ARGS)
+
+stage3: $(STAGE_DEPS)
+	$(PY) -m stages run $(PIPELINE) --only distill $(RUN_ARGS)
+
+stage4: $(STAGE_DEPS)
+	$(PY) -m stages run $(PIPELINE) --only select $(RUN_ARGS)
 
 status: setup
 	$(PY) -m stages status $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR) $(ARGS)
@@ -101,7 +117,11 @@ tensorboard: setup
 
 # Speed/loss comparisons measured in one run (numbers for issue notes, never in timed tests).
 bench: ctc-head
-	$(PY) -m stages bench levers --pipeline $(PIPELINE) $(ARGS)
+	$(PY) -m stages bench all --pipeline $(PIPELINE) $(ARGS)
+
+# Each fault of issue 7 injected into a tiny pipeline run; prints a table (fault, what happened, data lost).
+faults: setup system-deps
+	$(PY) -m stages faults $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check speechllm lightning_modules datamodules stages tests

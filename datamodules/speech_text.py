@@ -113,6 +113,7 @@ class SpeechTextDataModule(L.LightningDataModule):
         self.test_index = [("wer", n) for n in cfg.data.test]
         self.skipped: Counter = Counter()  # "<source or set>/<reason>" -> count, for metrics.json
         self.manifest_overrides: dict[str, str] = {}  # source -> manifest decided at run time (selection)
+        self._train_items: dict[str, tuple[str, list[Utterance]]] = {}
         self._global_batches = 0  # restored from a checkpoint (see state_dict)
 
     # ------------------------------------------------------------------ sources
@@ -125,6 +126,11 @@ class SpeechTextDataModule(L.LightningDataModule):
             sources = {"train": SourceConfig(manifest=data.train, kind=self.default_kind)}
         else:
             raise ValueError("data: set `train` (a manifest) or `sources` (named manifests with shares)")
+        # A share that is 0 throughout switches a source off (a preset's source a stage does not use).
+        sources = {name: src for name, src in sources.items()
+                   if not (src.share.start == 0 and not src.share.end)}
+        if not sources:
+            raise ValueError("data.sources: every source has share 0")
         for name, src in sources.items():
             if src.kind not in SOURCE_KINDS:
                 raise ValueError(f"data.sources.{name}.kind: {src.kind!r} is not one of {SOURCE_KINDS}")
@@ -166,14 +172,21 @@ class SpeechTextDataModule(L.LightningDataModule):
     def eval_index(self, split: str) -> list[tuple[str, str]]:
         return self.val_index if split == "val" else self.test_index
 
+    def check_sources(self) -> None:
+        """Load and check every training source whose manifest is known now, before anything runs
+        (a bad manifest fails in seconds, not after the first evaluation)."""
+        for name, src in self.source_configs().items():
+            if src.manifest and name not in self._train_items:
+                self._train_items[name] = (src.kind, self._load(f"train/{name}", src.manifest, src.kind == "speech"))
+
     def train_items(self) -> dict[str, tuple[str, list[Utterance]]]:
-        """Loaded when the train loader is built: a source may be produced at fit start (selection)."""
+        """All training sources; a source may be produced at fit start (selection), so it loads here."""
         sources = self.source_configs()
         for name, src in sources.items():
             if not src.manifest:
                 raise ValueError(f"data.sources.{name}.manifest is not set")
-        return {name: (src.kind, self._load(f"train/{name}", src.manifest, src.kind == "speech"))
-                for name, src in sources.items()}
+        self.check_sources()
+        return {name: self._train_items[name] for name in sources}
 
     # ------------------------------------------------------------------ batches
 

@@ -27,5 +27,4 @@ class AlignModule(SpeechLLMModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         feats, lengths = self.model.encoder.encode_text(batch["text"], self.sample_generators(batch))
         out = self.model(feats, lengths, self.model.target_ids(batch["target"]))
-        self.log_step(out, batch)
-        return out["loss"]
+        return self.finish_step(out, batch)

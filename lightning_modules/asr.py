@@ -47,5 +47,4 @@ class CurriculumASRModule(SpeechLLMModule):
             for name in ("smoothing_max", "keep_prob", "insert_prob"):
                 self.log(f"curriculum/cps/{name}", float(getattr(rates, name)), batch_size=len(batch["id"]))
         out = self.model(feats, lengths, self.model.target_ids(batch["target"]))
-        self.log_step(out, batch)
-        return out["loss"]
+        return self.finish_step(out, batch)

@@ -158,6 +158,18 @@ class SpeechLLMModule(EvaluationMixin):
         for key, n in sorted(getattr(datamodule, "skipped", {}).items()):
             self.log(f"skipped/{key}", float(n), rank_zero_only=True)
 
+    def finish_step(self, out: dict, batch: dict) -> torch.Tensor:
+        """Log the step and return its loss, always connected to the projector.
+
+        The LLM (and any LoRA on it) is in every step's graph, the projector not always: a batch whose
+        rows hold no speech vector (plain text, an interleaving with no speech span) leaves it out, so
+        backward would fail with a frozen LLM and DDP ranks would disagree on the parameters used. A
+        zero-weighted sum of the projector keeps every step the same shape; loss and gradients are
+        unchanged.
+        """
+        self.log_step(out, batch)
+        return out["loss"] + sum(p.sum() for p in self.model.projector.parameters()) * 0.0
+
     def log_step(self, out: dict, batch: dict) -> None:
         """Loss terms, throughput (samples/s, LLM tokens/s), the data mixture and truncations of a step."""
         batch_size = len(batch["id"])

@@ -84,5 +84,4 @@ class DistillModule(SpeechLLMModule):
                       alpha=d.alpha, direction=d.direction, temperature=d.temperature, scale_by_t2=d.scale_by_t2,
                       chunk_size=model.cfg.loss_chunk_size)
         out["seq_len"], out["truncated"] = max(len(r) for r in s_rows), cut
-        self.log_step(out, batch)
-        return out["loss"]
+        return self.finish_step(out, batch)

@@ -284,6 +284,7 @@ class StageConfig:
     """One stage of a pipeline, fully resolved (this is what lands in ``config.yaml``)."""
 
     kind: str = "align"  # align | asr | distill | select
+    enabled: bool = True  # a scale can leave a stage out (e.g. comparison runs only at the `full` scale)
     init_from: Optional[str] = None  # a previous stage's model/ directory, or stage name
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -325,7 +326,8 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise ConfigError(f"{source}: invalid key {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
+        reason = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]  # OmegaConf appends its context
+        raise ConfigError(f"{source}: invalid key {key!r}: {reason}") from None
 
 
 def load_yaml(path: str | Path) -> DictConfig:
@@ -402,6 +404,20 @@ def stage_layers(pipeline_path: str | Path, pipeline: PipelineConfig, stage_name
         layers.append((f"{pipeline_path} (scales.{scale}.defaults)", block.get("defaults") or {}))
         layers.append((f"{pipeline_path} (scales.{scale}.stages.{stage_name})", (block.get("stages") or {}).get(stage_name) or {}))
     return layers
+
+
+def check_model_paths(cfg: ModelConfig) -> None:
+    """A model path that names a local folder must exist: fail before any loading, naming the key.
+
+    Hub ids (``org/name``) are left to transformers, which says whether the Hub was reachable.
+    """
+    keys = {"model.llm.pretrained": cfg.llm.pretrained, "model.llm.tokenizer": cfg.llm.tokenizer,
+            "model.encoder.pretrained": cfg.encoder.pretrained, "model.encoder.ctc_head": cfg.encoder.ctc_head,
+            "model.encoder.cps.stats": cfg.encoder.cps.stats if cfg.encoder.cps.matched_share > 0 else None}
+    for key, value in keys.items():
+        if value and str(value).startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+            hint = " (`make demo` prepares the embedded default's assets)" if ".cache/assets" in str(value) else ""
+            raise ConfigError(f"{key}: {value} does not exist{hint}")
 
 
 def to_yaml(cfg: Any) -> str:

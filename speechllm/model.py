@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from speechllm.config import GenerationConfig, ModelConfig, PromptConfig
+from speechllm.config import GenerationConfig, ModelConfig, PromptConfig, check_model_paths
 from speechllm.encoders import build_encoder
 from speechllm.encoders.base import SpeechEncoder
 from speechllm.llm import build_llm
@@ -77,6 +77,7 @@ class SpeechLLM(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig) -> SpeechLLM:
+        check_model_paths(cfg)
         llm, tokenizer = build_llm(cfg.llm)
         return cls(cfg, build_encoder(cfg.encoder), llm, tokenizer)
 

@@ -49,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--limit", type=int, default=0)
 
     sub.add_parser("report", help="one report for a pipeline run: stage metrics + baselines (-h)")
-    sub.add_parser("bench", help="benchmarks, e.g. `bench levers` (-h)")
+    sub.add_parser("bench", help="benchmarks: levers | distill | memory | all (-h)")
+    sub.add_parser("faults", help="inject each fault into a tiny run and print what was lost (-h)")
     prep = sub.add_parser("prepare", help="prepare data or assets; options after WHAT go to that step (-h)")
     prep.add_argument("what", choices=sorted(PREPARE_STEPS))
     prep.add_argument("step_args", nargs=argparse.REMAINDER)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["report"], ["bench"]):  # their own argument parsers
+    if argv[:1] in (["report"], ["bench"], ["faults"]):  # their own argument parsers
         import importlib
 
         return importlib.import_module(f"stages.{argv[0]}").main(argv[1:])

@@ -1,8 +1,12 @@
 """Benchmarks that compare configurations in one run (these machines are noisy: read ratios).
 
-``python -m stages bench levers``: the stage-1 levers of the embedded default, each a short run of
-the ``align`` stage with one override, reporting seconds per step, LLM tokens/s and the loss after
-N steps. Results go to ``<out>/levers.json`` and a printed table.
+``python -m stages bench levers``: the stage-1 levers of the embedded default, each a short run of the
+``align`` stage with one override (seconds per step, LLM tokens/s, loss after N steps).
+``python -m stages bench distill``: step time of stage 3 with distillation (alpha 1: a teacher forward
+too) against NLL (alpha 0), on the embedded default.
+``python -m stages bench memory``: peak memory of the chunked vs unchunked loss at 49k and 152k
+vocabularies (:mod:`stages.bench_memory`).
+``python -m stages bench all``: the three. Results go to ``<out>/*.json`` and printed tables.
 """
 
 from __future__ import annotations
@@ -23,34 +27,39 @@ LEVERS: dict[str, list[str]] = {
     "1 thread": ["trainer.num_threads=1"],
     "targets cut to 24 tokens": ["model.prompt.max_target_tokens=24"],
     "lr 1e-4": ["optim.lr=1e-4"],
-    "projector init from LLM embeddings": ["model.projector.init_from_llm_embeddings=true"],
+    "projector init from LLM embeddings": ["model.projector.init_from_llm_embeddings=true",
+                                           "model.projector.hidden_dim=2048"],
     "LoRA r16 on q,v": ["model.llm.lora.enabled=true", "optim.lr_llm=5e-4"],
+}
+DISTILL: dict[str, list[str]] = {
+    "NLL (alpha 0)": ["distill.alpha=0.0"],
+    "distillation (alpha 1)": ["distill.alpha=1.0"],
 }
 
 
-def run_levers(pipeline: str, steps: int, out: Path, only: list[str] | None = None) -> list[dict]:
+def run_variants(pipeline: str, stage: str, variants: dict[str, list[str]], steps: int, out: Path,
+                 extra: list[str], only: list[str] | None = None) -> list[dict]:
+    """One short run of ``stage`` per variant, each in a fresh process, one after another."""
     rows = []
     common = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps + 1}", "trainer.num_threads=2",
-              "trainer.evaluate_before_training=false", "data.val_max_samples=1", "data.test_max_samples=1",
-              "optim.warmup_steps=5", "trainer.log_every_n_steps=1"]
-    for i, (name, overrides) in enumerate(LEVERS.items()):
+              "trainer.evaluate_before_training=false", "data.val={}", "data.test={}", "measures.sets={}",
+              "measures.multiple_choice={}", "optim.warmup_steps=5", "trainer.log_every_n_steps=1", *extra]
+    for i, (name, overrides) in enumerate(variants.items()):
         if only and not any(o in name for o in only):
             continue
-        run_dir = out / f"lever{i}"
-        cmd = [sys.executable, "-m", "stages", "run", pipeline, "--only", "align", "--run-dir", str(run_dir), "--redo",
+        run_dir = out / f"{stage}{i}"
+        cmd = [sys.executable, "-m", "stages", "run", pipeline, "--only", stage, "--run-dir", str(run_dir), "--redo",
                *common, *overrides]
-        print(f"[bench] {name}: {' '.join(overrides) or '(defaults)'}", flush=True)
+        print(f"[bench] {stage}: {name}: {' '.join(overrides) or '(defaults)'}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            rows.append({"lever": name, "error": proc.stderr[-800:]})
+            rows.append({"variant": name, "error": proc.stderr[-800:]})
             continue
-        stage = next(run_dir.glob("*/align"))
-        metrics = json.loads((stage / "metrics.json").read_text())
-        tokens = _mean_scalar(stage / "tb", "train/llm_tokens_per_s")
-        rows.append({"lever": name, "overrides": overrides, "s_per_step": metrics["train_step_s_mean"],
-                     "llm_tokens_per_s": tokens, **loss_curve(stage / "tb")})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "levers.json").write_text(json.dumps(rows, indent=1))
+        stage_dir = next(run_dir.glob(f"*/{stage}"))
+        metrics = json.loads((stage_dir / "metrics.json").read_text())
+        tokens = _mean_scalar(stage_dir / "tb", "train/llm_tokens_per_s")
+        rows.append({"variant": name, "overrides": overrides, "s_per_step": metrics["train_step_s_mean"],
+                     "llm_tokens_per_s": tokens, **loss_curve(stage_dir / "tb")})
     return rows
 
 
@@ -63,22 +72,41 @@ def _mean_scalar(tb_dir: Path, tag: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'variant':<58} {'s/step':>7} {'tok/s':>7} {'loss@0':>7} {'loss@end':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<58} failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            continue
+        print(f"{r['variant']:<58} {r['s_per_step']:>7.2f} {r['llm_tokens_per_s'] or 0:>7.0f} "
+              f"{r.get('train_loss_first', float('nan')):>7.3f} {r.get('train_loss_last10_mean', float('nan')):>8.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages bench")
-    parser.add_argument("what", choices=["levers"])
+    parser.add_argument("what", choices=["levers", "distill", "memory", "all"])
     parser.add_argument("--pipeline", default="configs/pipeline/demo.yaml")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--only", nargs="*", help="substrings of lever names to run")
+    parser.add_argument("--only", nargs="*", help="substrings of variant names to run")
     args = parser.parse_args(argv)
-    rows = run_levers(args.pipeline, args.steps, args.out, args.only)
-    print(f"\n{'lever':<58} {'s/step':>7} {'tok/s':>7} {'loss@0':>7} {'loss@end':>8}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['lever']:<58} failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
-            continue
-        print(f"{r['lever']:<58} {r['s_per_step']:>7.2f} {r['llm_tokens_per_s'] or 0:>7.0f} "
-              f"{r.get('train_loss_first', float('nan')):>7.3f} {r.get('train_loss_last10_mean', float('nan')):>8.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.what in ("levers", "all"):
+        rows = run_variants(args.pipeline, "align", LEVERS, args.steps, args.out, [], args.only)
+        (args.out / "levers.json").write_text(json.dumps(rows, indent=1))
+        print_table(rows)
+    if args.what in ("distill", "all"):
+        # From stage 3's own starting point, not a stage-2 export: the bench needs no earlier stage.
+        rows = run_variants(args.pipeline, "distill", DISTILL, args.steps, args.out, ["init_from=null"], args.only)
+        if len(rows) == 2 and all("s_per_step" in r for r in rows):
+            rows.append({"distill_over_nll_step_time": rows[1]["s_per_step"] / rows[0]["s_per_step"]})
+            print(f"\nstep time ratio distillation / NLL: {rows[-1]['distill_over_nll_step_time']:.2f}")
+        (args.out / "distill.json").write_text(json.dumps(rows, indent=1))
+        print_table([r for r in rows if "variant" in r])
+    if args.what in ("memory", "all"):
+        from stages import bench_memory
+
+        bench_memory.main(["--out", str(args.out / "distill_memory.json")])
     return 0
 
 

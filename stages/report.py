@@ -52,12 +52,17 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
     cache = run_root / "baselines.json"
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     for name, stage_dir, cfg in stages:
+        if not cfg.enabled:
+            continue
         if not stage_dir.metrics.is_file():
             report["stages"][name] = {"state": "not finished"}
             continue
         metrics = json.loads(stage_dir.metrics.read_text())
         metrics.pop("report", None)
         report["stages"][name] = metrics
+        selection = stage_dir.root / "selection" / "report.json"
+        if selection.is_file():
+            report.setdefault("selection", {})[name] = json.loads(selection.read_text())
         model = None
         sets, limit = (cfg.data.test, cfg.data.test_max_samples) if cfg.data.test else (cfg.data.val, cfg.data.val_max_samples)
         for set_name, manifest in sets.items():
@@ -76,27 +81,89 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
     return report
 
 
+def _eval_sets(metrics: dict) -> dict[str, dict[str, tuple]]:
+    """{set: {metric: (before, after)}} from a stage's metrics (``initial/<split>/<set>/<m>``, ``<split>/<set>/<m>``)."""
+    sets: dict[str, dict[str, list]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        before = parts[0] == "initial"
+        parts = parts[1:] if before else parts
+        if len(parts) != 3 or parts[0] not in ("val", "test") or not isinstance(value, (int, float)):
+            continue
+        _, set_name, metric = parts
+        pair = sets.setdefault(set_name, {}).setdefault(metric, [None, None])
+        pair[0 if before else 1] = value
+    return {name: {m: tuple(v) for m, v in d.items()} for name, d in sets.items()}
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+SHOWN = {"wer": "WER", "M": "M", "F": "F", "acc_speech": "acc speech", "acc_text": "acc text",
+         "acc_text_original": "acc text (original LLM)", "gap": "gap (text orig. - speech)"}
+
+
 def format_report(report: dict) -> str:
     lines = [f"== report: {report['pipeline']} (scale {report['scale'] or 'default'}) =="]
     for set_name, base in report["baselines"].items():
-        lines.append(f"[{set_name}] {base['utterances']} utterances")
+        lines.append(f"[{set_name}] {base['utterances']} utterances (held-out voices)")
         if "ctc_greedy_wer" in base:
             lines.append(f"  CTC encoder alone, greedy            WER {base['ctc_greedy_wer']:.3f}")
         lines.append(f"  LLM ceiling (transcript as text)     WER {base['llm_text_ceiling_wer']:.3f}")
-        for name, m in report["stages"].items():
-            for split in ("test", "val"):
-                if f"initial/{split}/{set_name}/wer" in m:
-                    lines.append(f"  {name}: before training                WER {m[f'initial/{split}/{set_name}/wer']:.3f}")
-                if f"{split}/{set_name}/wer" in m:
-                    lines.append(f"  {name}: after {m['steps']} steps               WER {m[f'{split}/{set_name}/wer']:.3f}")
-                    break
     for name, m in report["stages"].items():
-        if "steps" in m:
-            step = m.get("train_step_s_mean")
-            lines.append(f"{name}: train loss first {m.get('train_loss_first', float('nan')):.3f} -> last "
-                         f"{m.get('train_loss_last') or float('nan'):.3f}; "
-                         f"{step:.2f} s/step" if step else f"{name}: {m['steps']} steps")
+        if "steps" not in m:
+            lines.append(f"-- {name}: {m.get('state', 'not run')}")
+            continue
+        step = m.get("train_step_s_mean")
+        lines.append(f"-- {name} ({m['kind']}): {m['steps']} steps, train loss {m.get('train_loss_first', float('nan')):.3f} -> "
+                     f"{m.get('train_loss_last10_mean', float('nan')):.3f} (last 10 mean)"
+                     + (f", {step:.2f} s/step" if step else "") + f", {m.get('wall_time_s_this_run', 0):.0f} s wall")
+        for set_name, metrics in _eval_sets(m).items():
+            for metric, label in SHOWN.items():
+                if metric in metrics:
+                    before, after = metrics[metric]
+                    lines.append(f"   {set_name:<14} {label:<26} {_fmt(before)} -> {_fmt(after)}")
+        skipped = {k: v for k, v in m.items() if k.startswith("skipped/") and v}
+        if skipped:
+            lines.append("   skipped: " + ", ".join(f"{k.removeprefix('skipped/')} {v}" for k, v in skipped.items()))
+    lines += comparisons(report)
+    for name, sel in report.get("selection", {}).items():
+        top = sel["clusters"][:5]
+        lines.append(f"-- {name}: selection (gamma {sel['gamma']}): {sel['selected']} texts, "
+                     f"{sel.get('synthesised_seconds', 0):.0f} s synthesised; clusters by M:")
+        for c in top:
+            topics = ", ".join(f"{t['topic']} {t['share']:.0%}" for t in c["topics"])
+            lines.append(f"   cluster {c['cluster']:>3}  M {c['M']:.4f}  P_web {c['p_web']:.3f}  P_target {c['p_target']:.3f}"
+                         f"  selected {c['selected']:>3}  [{topics}]")
+        lines.append("   selected topics: " + ", ".join(f"{t} {n}" for t, n in list(sel["selected_topics"].items())[:8]))
     return "\n".join(lines)
+
+
+def _final(report: dict, stage: str, metric: str) -> float | None:
+    m = report["stages"].get(stage, {})
+    values = [v[1] for sets in [_eval_sets(m)] for s in sets.values() for k, v in s.items() if k == metric]
+    return values[0] if values else None
+
+
+def comparisons(report: dict) -> list[str]:
+    """The tables of the issues' comparisons, for the stages that ran."""
+    out = []
+    stages = report["stages"]
+    if {"asr", "asr_scratch"} <= set(stages):
+        out += ["== stage 2: WER on held-out voices at the same real-speech budget and steps ==",
+                f"   (a) stage 1 only, zero-shot          {_fmt(_final(report, 'align', 'wer'))}",
+                f"   (b) stage 2 from a fresh projector   {_fmt(_final(report, 'asr_scratch', 'wer'))}",
+                f"   (c) stage 1 -> stage 2 (curriculum)  {_fmt(_final(report, 'asr', 'wer'))}"]
+    for a, b, what in (("distill_nll", "distill", "stage 3: NLL (alpha 0) vs distillation (alpha 1)"),
+                       ("select_uniform", "select", "stage 4: uniform (gamma 0) vs active (gamma 5) selection")):
+        if {a, b} <= set(stages):
+            out.append(f"== {what}, held-out ==")
+            for metric, label in SHOWN.items():
+                if metric == "wer":
+                    continue
+                out.append(f"   {label:<26} {_fmt(_final(report, a, metric)):>8} {_fmt(_final(report, b, metric)):>8}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ whose config changed unless told to ``--redo``, and resumes an unfinished stage 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -32,33 +33,36 @@ RESUME_SAFE_KEYS = ("trainer.num_threads", "data.num_workers", "trainer.log_ever
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, then rename: a kill while saving never breaks ``last.ckpt``."""
+    """Write to a temporary file, then rename: a kill while saving never breaks ``last.ckpt``.
+
+    After each complete ``last.ckpt`` it records the step in ``progress.json`` (so ``status`` needs no
+    checkpoint loading, and a step there always has its checkpoint on disk).
+    """
+
+    def __init__(self, progress: Path | None = None, max_steps: int | None = None):
+        super().__init__()
+        self.progress, self.max_steps = progress, max_steps
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # a full disk, a quota, a file-size limit
+            tmp.unlink(missing_ok=True)
+            last = path.with_name("last.ckpt")
+            previous = "the previous last.ckpt is intact" if last.exists() else "no last.ckpt was written yet"
+            raise OSError(err.errno, f"could not write checkpoint {path} ({err.strerror or err}); {previous}") from err
         os.replace(tmp, path)
-
-
-class ProgressFile(L.Callback):
-    """``progress.json`` next to the checkpoints, so ``status`` needs no checkpoint loading."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if trainer.is_global_zero:
-            loss = trainer.callback_metrics.get("train/loss")
-            data = {"step": trainer.global_step, "max_steps": trainer.max_steps, "time": time.time(),
-                    "train_loss": float(loss) if loss is not None else None}
-            tmp = self.path.with_suffix(".tmp")
+        if self.progress is not None and path.name == "last.ckpt":
+            data = {"step": checkpoint["global_step"], "max_steps": self.max_steps, "time": time.time()}
+            tmp = self.progress.with_suffix(".tmp")
             tmp.write_text(json.dumps(data))
-            tmp.replace(self.path)
+            tmp.replace(self.progress)
 
 
 class StepTimer(L.Callback):
@@ -186,8 +190,8 @@ def build_trainer(cfg: StageConfig, stage_dir: StageDir, module) -> L.Trainer:
         # The data module shards every loader itself (resumable batch streams, padded eval sets).
         use_distributed_sampler=False,
         logger=TensorBoardLogger(str(stage_dir.root), name="tb", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), ProgressFile(stage_dir.progress), StepTimer()],
-        plugins=[AtomicCheckpointIO()], default_root_dir=str(stage_dir.root), enable_model_summary=False,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepTimer()],
+        plugins=[AtomicCheckpointIO(stage_dir.progress, t.max_steps)], default_root_dir=str(stage_dir.root), enable_model_summary=False,
     )
 
 
@@ -235,6 +239,7 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
     start = time.time()
     module = STAGE_MODULES[cfg.kind](cfg, stage_dir.root)
     datamodule = build_datamodule(cfg, module)
+    datamodule.check_sources()
     trainer = build_trainer(cfg, stage_dir, module)
     resume = stage_dir.last_ckpt if stage_dir.last_ckpt.is_file() else None
     if resume and trainer.is_global_zero:
@@ -277,9 +282,9 @@ def loss_curve(tb_dir: Path, tag: str = "train/loss", points: int = 11) -> dict[
         return {}
     values = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed run re-logs steps: keep the last
     steps = sorted(values)
-    tail = [values[s] for s in steps[-10:]]
+    tail = [values[s] for s in steps[-10:] if math.isfinite(values[s])]  # skipped NaN steps do not count
     picks = sorted({steps[round(i * (len(steps) - 1) / (points - 1))] for i in range(points)})
-    return {"train_loss_first": values[steps[0]], "train_loss_last10_mean": sum(tail) / len(tail),
+    return {"train_loss_first": values[steps[0]], "train_loss_last10_mean": sum(tail) / len(tail) if tail else float("nan"),
             "train_loss_curve": {str(s): round(values[s], 4) for s in picks}}
 
 
@@ -307,6 +312,9 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, 
     rank_zero = is_rank_zero()
     for name, stage_dir, cfg in stages:
         if only and name not in only:
+            continue
+        if not cfg.enabled:
+            print(f"[runner] stage {name!r} is disabled at this scale; skipping", flush=True)
             continue
         # Every rank checks (read-only); only rank zero clears or writes. Under --redo the others
         # skip the check: rank zero is clearing what they would be comparing against.
@@ -340,7 +348,9 @@ def pipeline_status(pipeline_path: str | Path, overrides: list[str] | None = Non
     rows = []
     for name, stage_dir, cfg in resolve_stage_configs(pipeline_path, overrides or [], run_dir, scale):
         row = {"stage": name, "kind": cfg.kind, "dir": str(stage_dir.root)}
-        if stage_dir.done.is_file():
+        if not cfg.enabled:
+            row["state"] = "disabled at this scale"
+        elif stage_dir.done.is_file():
             row["state"] = "done"
             if stage_dir.metrics.is_file():
                 row["metrics"] = json.loads(stage_dir.metrics.read_text())

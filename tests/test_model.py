@@ -134,3 +134,25 @@ def test_cached_prompt_prefix_gives_the_same_loss_and_gradients(tiny_model):
     m.zero_grad(set_to_none=True)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+@torch.no_grad()
+def test_beam_one_equals_a_plain_greedy_loop(tiny_model):
+    """generate(num_beams=1) against argmax decoding written by hand, step by step, one clip at a time."""
+    m = tiny_model
+    texts = ["the dog ran home", "we see"]
+    feats, lengths = encode(m, texts, seed=21)
+    gen = GenerationConfig(num_beams=1, max_new_tokens=10)
+    hyps = m.generate(feats, lengths, gen)
+    speech, speech_len = m.project(feats, lengths)
+    for i in range(len(texts)):
+        rows, _ = m.instruction_rows([int(speech_len[i])])
+        vectors = speech[i, : speech_len[i]]
+        new = []
+        for _ in range(gen.max_new_tokens):
+            inputs = m.splice([rows[0] + new], speech=vectors)
+            token = int(m.llm(**inputs).logits[0, -1].argmax())
+            if token == m.eos_id:
+                break
+            new.append(token)
+        assert hyps[i] == m.tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -191,7 +191,19 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         probs, lengths = self.posteriors(waveforms)
         if not self.use_lsd:
             return probs, lengths
-        return label_synchronous_compress(probs, lengths.to(probs.device), self.blank_id, self.blank_threshold)
+        lengths = lengths.to(probs.device)
+        feats, out_lengths = label_synchronous_compress(probs, lengths, self.blank_id, self.blank_threshold)
+        empty = (out_lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            # Silence (every frame blank) would leave the LLM no speech at all, and a batch of it no
+            # gradient: such a clip keeps its least-blank frame.
+            if feats.shape[1] == 0:
+                feats = probs.new_zeros(len(waveforms), 1, probs.shape[-1])
+            for i in empty:
+                blank = probs[i, : max(int(lengths[i]), 1), self.blank_id].nan_to_num(nan=2.0)
+                feats[i, 0] = probs[i, int(blank.argmin())]
+                out_lengths[i] = 1
+        return feats, out_lengths
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], generators: list[torch.Generator] | None = None,
