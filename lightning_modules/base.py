@@ -59,6 +59,7 @@ class SpeechLLMModule(EvaluationMixin):
         self.strict_loading = False
         self._last_step_end: float | None = None
         self._bad_steps_in_a_row = 0
+        self._seeded_step, self._micro_batch = -1, 0
         self.counters = {"nonfinite_steps": 0, "truncated_to_context": 0}
 
     def init_from(self, directory: str) -> None:
@@ -150,6 +151,16 @@ class SpeechLLMModule(EvaluationMixin):
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.counters.update(checkpoint.get("counters", {}))
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """Seed this micro-batch's randomness (dropout in LoRA or a trained LLM) from the step, the
+        micro-batch within it and the rank: a resumed run draws exactly what an uninterrupted one drew,
+        whatever consumed random numbers in between (a data loader starting, a validation)."""
+        if self._seeded_step != self.global_step:
+            self._seeded_step, self._micro_batch = self.global_step, 0
+        key = (self.cfg.seed * 1_000_003 + self.global_step) * 64 + self._micro_batch
+        torch.manual_seed(key * 4096 + self.global_rank)
+        self._micro_batch += 1
 
     # ------------------------------------------------------------------ logging helpers
 

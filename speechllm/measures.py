@@ -46,7 +46,8 @@ def positionwise_kl(model: SpeechLLM, teacher_hidden: torch.Tensor, student_hidd
         else:
             teacher_logits = model.lm_head(teacher_hidden[rows])
         out.append(token_divergence(teacher_logits, model.lm_head(student_hidden[rows])))
-    return torch.cat(out) if out else student_hidden.new_zeros(0)
+    # KL is never negative; float round-off can make a near-zero one so by ~1e-9.
+    return torch.cat(out).clamp_min(0.0) if out else student_hidden.new_zeros(0)
 
 
 @torch.no_grad()

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--batch-size", type=int, default=8)
     dec.add_argument("--beam", type=int, default=None, help="beam size (default: the model's config)")
     dec.add_argument("--max-new-tokens", type=int, default=None)
+    dec.add_argument("--no-repeat-ngram", type=int, default=None, help="repetition guard: no n-gram twice")
+    dec.add_argument("--repetition-penalty", type=float, default=None)
     dec.add_argument("--normalizer", default="whisper", choices=["whisper", "tasu", "none"])
     dec.add_argument("--limit", type=int, default=0)
 
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             gen = GenerationConfig(**OmegaConf.to_container(model.cfg.generation))
             gen.num_beams = args.beam or gen.num_beams
             gen.max_new_tokens = args.max_new_tokens or gen.max_new_tokens
+            if args.no_repeat_ngram is not None:
+                gen.no_repeat_ngram_size = args.no_repeat_ngram
+            if args.repetition_penalty is not None:
+                gen.repetition_penalty = args.repetition_penalty
             result = decode_manifest(model, args.manifest, args.out, batch_size=args.batch_size, gen=gen,
                                      normalizer=args.normalizer, limit=args.limit)
             print(f"WER {result['wer']:.4f}  (S={result['substitutions']} D={result['deletions']} "

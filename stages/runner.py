@@ -269,6 +269,8 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         module.model.save_pretrained(stage_dir.model)
         stage_dir.metrics.write_text(json.dumps(metrics, indent=1))
         stage_dir.done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    # The other ranks go on to the next stage only once this one's export is on disk.
+    trainer.strategy.barrier("stage exported")
     return metrics
 
 

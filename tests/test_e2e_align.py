@@ -106,7 +106,7 @@ def test_decode_cli_writes_hypotheses_with_error_counts(tmp_path, tiny_data):
     out = tmp_path / "hyps.jsonl"
     dec = subprocess.run([sys.executable, "-m", "stages", "decode", "--model", str(tmp_path / "runs/e2e/align/model"),
                           "--manifest", str(tiny_data / "speech/val.jsonl"), "--out", str(out), "--beam", "2",
-                          "--max-new-tokens", "5", "--normalizer", "tasu"],
+                          "--max-new-tokens", "5", "--no-repeat-ngram", "2", "--normalizer", "tasu"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert dec.returncode == 0, dec.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
