@@ -17,16 +17,8 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import SpeechLLMModule
-from speechllm.interleave import Span
 from speechllm.losses import lm_loss
-from speechllm.sequences import (
-    encode_speech_spans,
-    fit_rows_to_context,
-    match_label_counts,
-    plan_batch,
-    project_spans,
-    span_rows,
-)
+from speechllm.sequences import Views, speech_and_text_views, text_views
 
 
 class DistillModule(SpeechLLMModule):
@@ -46,42 +38,27 @@ class DistillModule(SpeechLLMModule):
         if cfg.distill.format not in ("interleaved", "instruction"):
             raise ValueError(f"distill.format must be interleaved or instruction, not {cfg.distill.format!r}")
 
-    def views(self, batch: dict) -> tuple[list, list, torch.Tensor | None, list, list]:
-        """Student rows (speech in its slots), labels, speech vectors, and the teacher's text rows."""
-        model, d = self.model, self.cfg.distill
-        if batch["kind"] == "text":  # plain text, every token predicted, in both views
-            plans = [[Span("text", 0, 1, text, None, None)] for text in batch["text"]]
-            rows, labels = span_rows(model, plans, None, label_all=True)
-            return rows, labels, None, [list(r) for r in rows], [list(lab) for lab in labels]
-        if d.format == "interleaved":
-            plans = plan_batch(batch["words"], self.sample_generators(batch), tuple(d.text_span_words),
-                               tuple(d.speech_span_words))
-            speech, lengths = project_spans(model, *encode_speech_spans(model, batch["waveform"], plans))
-            return (*span_rows(model, plans, lengths), speech, *span_rows(model, plans, None))
-        feats, feat_lengths = model.encoder.encode_speech(batch["waveform"])
-        projected, lengths = model.project(feats, feat_lengths)
-        targets = model.target_ids(batch["target"])
-        lengths, _ = model.fit_to_context(lengths, targets)
-        return (*model.instruction_rows(lengths.tolist(), targets), model.flatten(projected, lengths),
-                *model.instruction_rows(model.text_ids(batch["text"]), targets))
+    def views(self, batch: dict) -> Views:
+        if batch["kind"] == "text":
+            return text_views(self.model, batch["text"])
+        d = self.cfg.distill
+        return speech_and_text_views(self.model, batch["waveform"], batch["words"], batch["text"], batch["target"],
+                                     self.sample_generators(batch), fmt=d.format, text_words=tuple(d.text_span_words),
+                                     speech_words=tuple(d.speech_span_words))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         model, d = self.model, self.cfg.distill
-        s_rows, s_labels, speech, t_rows, t_labels = self.views(batch)
-        s_rows, s_labels, speech, cut = fit_rows_to_context(model, s_rows, s_labels, speech)
-        t_rows, t_labels, _, _ = fit_rows_to_context(model, t_rows, t_labels)
-        if cut:
-            match_label_counts(s_labels, t_labels)
-        hidden, targets = model.labelled_hidden(s_rows, s_labels, speech)
+        views = self.views(batch)
+        hidden, targets = model.labelled_hidden(views.student_rows, views.student_labels, views.speech)
         teacher_hidden = teacher_head = None
         if d.alpha > 0:
             with torch.no_grad(), model.original_llm() as teacher:
-                teacher_hidden, teacher_targets = model.labelled_hidden(t_rows, t_labels, llm=teacher)
+                teacher_hidden, teacher_targets = model.labelled_hidden(views.teacher_rows, views.teacher_labels, llm=teacher)
             teacher_head = teacher.get_output_embeddings()
             if not torch.equal(teacher_targets, targets):
                 raise RuntimeError("student and teacher rows label different tokens (a span tokenised differently?)")
         out = lm_loss(hidden, model.lm_head, targets, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                       alpha=d.alpha, direction=d.direction, temperature=d.temperature, scale_by_t2=d.scale_by_t2,
                       chunk_size=model.cfg.loss_chunk_size)
-        out["seq_len"], out["truncated"] = max(len(r) for r in s_rows), cut
+        out["seq_len"], out["truncated"] = max(len(r) for r in views.student_rows), views.cut
         return self.finish_step(out, batch)

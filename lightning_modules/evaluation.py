@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 
 from speechllm.distributed import all_gather_objects
 from speechllm.measures import misalignment_forgetting, multiple_choice
 from speechllm.metrics import corpus_errors
+from speechllm.sequences import speech_and_text_views
 
 
 def gather_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,9 +66,12 @@ class EvaluationMixin(L.LightningModule):
             hyps = self.model.transcribe(batch["waveform"])
             rows = [{"ref": r, "hyp": h} for r, h in zip(batch["target"], hyps)]
         elif kind == "measure":
-            rows = misalignment_forgetting(
-                self.model, batch["waveform"], batch["words"], batch["target"], batch["seed"], fmt=distill.format,
+            # Seeded by the item's index in its set: every evaluation plans the same spans.
+            views = speech_and_text_views(
+                self.model, batch["waveform"], batch["words"], batch["text"], batch["target"],
+                [torch.Generator().manual_seed(s) for s in batch["seed"]], fmt=distill.format,
                 text_words=tuple(distill.text_span_words), speech_words=tuple(distill.speech_span_words))
+            rows = misalignment_forgetting(self.model, views)
         else:
             meta = batch["meta"]
             picks = multiple_choice(self.model, batch["waveform"], batch["text"], [m["options"] for m in meta],

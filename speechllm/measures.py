@@ -17,14 +17,7 @@ import torch
 
 from speechllm.losses import token_divergence
 from speechllm.model import SpeechLLM
-from speechllm.sequences import (
-    continuation_plans,
-    encode_speech_spans,
-    fit_rows_to_context,
-    plan_batch,
-    project_spans,
-    span_rows,
-)
+from speechllm.sequences import Views, continuation_plans, fit_rows_to_context, span_rows
 
 
 def _chunks(n: int, size: int):
@@ -65,45 +58,19 @@ def _split(values: torch.Tensor, labels: list[list[int]]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def misalignment_forgetting(model: SpeechLLM, waveforms: list[torch.Tensor], words: list[list[dict]],
-                            texts: list[str], seeds: list[int], *, fmt: str, text_words: tuple[int, int],
-                            speech_words: tuple[int, int]) -> list[dict[str, float]]:
-    """Per item: ``m_sum``/``m_count`` (misalignment) and ``f_sum``/``f_count`` (forgetting) in nats.
-
-    ``fmt`` ``interleaved``: the spans planned with a generator seeded by the item's ``seed`` (the same
-    plan at every evaluation); ``instruction``: the transcript is the target after the prompt, heard as
-    speech or read as text in the user turn.
-    """
-    if fmt == "interleaved":
-        plans = plan_batch(words, [torch.Generator().manual_seed(s) for s in seeds], text_words, speech_words)
-        speech, lengths = project_spans(model, *encode_speech_spans(model, waveforms, plans))
-        s_rows, s_labels = span_rows(model, plans, lengths)
-        t_rows, t_labels = span_rows(model, plans, None)
-        f_rows, f_labels = span_rows(model, plans, None, label_all=True)
-    elif fmt == "instruction":
-        feats, feat_lengths = model.encoder.encode_speech(waveforms)
-        projected, proj_lengths = model.project(feats, feat_lengths)
-        targets = model.target_ids(texts)
-        proj_lengths, _ = model.fit_to_context(proj_lengths, targets)
-        speech = model.flatten(projected, proj_lengths)
-        s_rows, s_labels = model.instruction_rows(proj_lengths.tolist(), targets)
-        t_rows, t_labels = model.instruction_rows(model.text_ids(texts), targets)
-        f_rows, f_labels = t_rows, t_labels
-    else:
-        raise ValueError(f"unknown distill.format {fmt!r} (interleaved | instruction)")
-    s_rows, s_labels, speech, _ = fit_rows_to_context(model, s_rows, s_labels, speech)
-    t_rows, t_labels, _, _ = fit_rows_to_context(model, t_rows, t_labels)
-    f_rows, f_labels, _, _ = fit_rows_to_context(model, f_rows, f_labels)
-
-    h_speech, _ = model.labelled_hidden(s_rows, s_labels, speech)
-    h_text, _ = model.labelled_hidden(t_rows, t_labels)
+def misalignment_forgetting(model: SpeechLLM, views: Views) -> list[dict[str, float]]:
+    """Per item of a batch's views: ``m_sum``/``m_count`` (misalignment) and ``f_sum``/``f_count``
+    (forgetting) in nats. Build the views with a fixed seed per item so every evaluation plans the
+    same spans."""
+    h_speech, _ = model.labelled_hidden(views.student_rows, views.student_labels, views.speech)
+    h_text, _ = model.labelled_hidden(views.teacher_rows, views.teacher_labels)
     m = positionwise_kl(model, h_text, h_speech, teacher_is_original=False)
-    h_adapted, _ = model.labelled_hidden(f_rows, f_labels)
+    h_adapted, _ = model.labelled_hidden(views.text_rows, views.text_labels)
     with model.original_llm() as original:
-        h_original, _ = model.labelled_hidden(f_rows, f_labels, llm=original)
+        h_original, _ = model.labelled_hidden(views.text_rows, views.text_labels, llm=original)
     f = positionwise_kl(model, h_original, h_adapted, teacher_is_original=True)
     return [{"m_sum": float(mi.sum()), "m_count": mi.numel(), "f_sum": float(fi.sum()), "f_count": fi.numel()}
-            for mi, fi in zip(_split(m, s_labels), _split(f, f_labels))]
+            for mi, fi in zip(_split(m, views.student_labels), _split(f, views.text_labels))]
 
 
 @torch.no_grad()

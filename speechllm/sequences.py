@@ -10,6 +10,8 @@ positions of the two views pair up one to one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from speechllm.interleave import Span, cut_speech, plan_spans
@@ -131,3 +133,57 @@ def match_label_counts(labels_a: list[list[int]], labels_b: list[list[int]]) -> 
                     seen += 1
                     if seen > keep:
                         lab[i] = IGNORE_INDEX
+
+
+@dataclass
+class Views:
+    """One batch seen two ways: the student hears speech, the teacher reads the same words; both label
+    the same tokens. ``text_*`` is the all-text view with every token labelled (for forgetting)."""
+
+    student_rows: list[list[int]]
+    student_labels: list[list[int]]
+    speech: torch.Tensor | None
+    teacher_rows: list[list[int]]
+    teacher_labels: list[list[int]]
+    text_rows: list[list[int]]
+    text_labels: list[list[int]]
+    cut: int = 0  # rows cut to the LLM's context
+
+
+def speech_and_text_views(model: SpeechLLM, waveforms: list[torch.Tensor], words: list, texts: list[str],
+                          targets: list[str], generators: list[torch.Generator], *, fmt: str,
+                          text_words: tuple[int, int], speech_words: tuple[int, int]) -> Views:
+    """``interleaved``: spans planned per utterance (seeded by its generator) from its ``words``;
+    ``instruction``: the speech (or the transcript ``texts``) in the user turn, ``targets`` after it.
+    Rows are cut to the LLM's context here, before any forward, with the label pairs kept one to one."""
+    if fmt == "interleaved":
+        plans = plan_batch(words, generators, text_words, speech_words)
+        speech, lengths = project_spans(model, *encode_speech_spans(model, waveforms, plans))
+        s_rows, s_labels = span_rows(model, plans, lengths)
+        t_rows, t_labels = span_rows(model, plans, None)
+        f_rows, f_labels = span_rows(model, plans, None, label_all=True)
+    elif fmt == "instruction":
+        feats, feat_lengths = model.encoder.encode_speech(waveforms)
+        projected, lengths = model.project(feats, feat_lengths)
+        target_ids = model.target_ids(targets)
+        lengths, _ = model.fit_to_context(lengths, target_ids)
+        speech = model.flatten(projected, lengths)
+        s_rows, s_labels = model.instruction_rows(lengths.tolist(), target_ids)
+        t_rows, t_labels = model.instruction_rows(model.text_ids(texts), target_ids)
+        f_rows, f_labels = [list(r) for r in t_rows], [list(lab) for lab in t_labels]
+    else:
+        raise ValueError(f"unknown distill.format {fmt!r} (interleaved | instruction)")
+    s_rows, s_labels, speech, cut = fit_rows_to_context(model, s_rows, s_labels, speech)
+    t_rows, t_labels, _, _ = fit_rows_to_context(model, t_rows, t_labels)
+    f_rows, f_labels, _, _ = fit_rows_to_context(model, f_rows, f_labels)
+    if cut:
+        match_label_counts(s_labels, t_labels)
+    return Views(s_rows, s_labels, speech, t_rows, t_labels, f_rows, f_labels, cut)
+
+
+def text_views(model: SpeechLLM, texts: list[str]) -> Views:
+    """Plain text in every view, every token labelled (SALAD's text share: no speech at all)."""
+    rows, labels = span_rows(model, [[Span("text", 0, 1, text, None, None)] for text in texts], None, label_all=True)
+    rows, labels, _, cut = fit_rows_to_context(model, rows, labels)
+    copy = lambda xs: [list(x) for x in xs]  # noqa: E731
+    return Views(rows, labels, None, copy(rows), copy(labels), copy(rows), copy(labels), cut)

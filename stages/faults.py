@@ -124,6 +124,14 @@ class Workspace:
             time.sleep(0.02)
         raise TimeoutError(f"no checkpoint at step {step} within {timeout} s")
 
+    def kill_at_step(self, step: int) -> int:
+        """Start a run, SIGKILL it once ``last.ckpt`` holds ``step``; return the checkpointed step."""
+        proc = self.popen()
+        self.wait_for_step(proc, step)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return self.saved_step()
+
     def popen(self, *extra: str) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(self.command(*extra), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -234,11 +242,7 @@ def losses(stage: Path) -> dict[int, float]:
 
 def kill_during_training(root: Path) -> Outcome:
     ws = Workspace(root, "sigkill_training")
-    proc = ws.popen()
-    ws.wait_for_step(proc, 4)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = ws.saved_step()
+    saved = ws.kill_at_step(4)
     rerun = ws.run()
     clean = Workspace(root, "sigkill_training_reference")
     clean.run()
@@ -282,11 +286,7 @@ def kill_during_save(root: Path) -> Outcome:
 
 def disk_full(root: Path) -> Outcome:
     ws = Workspace(root, "disk_full_on_save")
-    proc = ws.popen()
-    ws.wait_for_step(proc, 2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = ws.saved_step()
+    before = ws.kill_at_step(2)
     size = (ws.stage / "checkpoints" / "last.ckpt").stat().st_size
 
     def limit_file_size() -> None:  # the kernel refuses to grow any file past this: a full disk for writes

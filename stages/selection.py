@@ -31,6 +31,7 @@ from speechllm.embedding import build_embedder
 from speechllm.measures import misalignment_forgetting
 from speechllm.model import SpeechLLM
 from speechllm.selection import draw_selection, selection_histogram, target_distribution
+from speechllm.sequences import speech_and_text_views
 from speechllm.synthesis import SynthesisItem, chunk_words, manifest_rows, synthesize_items
 
 
@@ -98,11 +99,12 @@ def probe_misalignment(model: SpeechLLM, cfg: StageConfig, probes: list[Synthesi
     rank, _ = rank_and_world()
     for start in tqdm(range(0, len(shard), batch), desc="probe misalignment", unit="batch", disable=rank != 0):
         items = shard[start : start + batch]
-        rows = misalignment_forgetting(
+        views = speech_and_text_views(
             model, [load_audio(folder / p.audio, model.encoder.sample_rate) for p in items],
-            [results[p.id]["words"] for p in items], [p.text for p in items],
-            [int(hashlib.sha1(p.id.encode()).hexdigest()[:8], 16) for p in items], fmt=distill.format,
-            text_words=tuple(distill.text_span_words), speech_words=tuple(distill.speech_span_words))
+            [results[p.id]["words"] for p in items], [p.text for p in items], [p.text for p in items],
+            [torch.Generator().manual_seed(int(hashlib.sha1(p.id.encode()).hexdigest()[:8], 16)) for p in items],
+            fmt=distill.format, text_words=tuple(distill.text_span_words), speech_words=tuple(distill.speech_span_words))
+        rows = misalignment_forgetting(model, views)
         out.update({p.id: {"m_sum": r["m_sum"], "m_count": r["m_count"]} for p, r in zip(items, rows)})
     return out
 
