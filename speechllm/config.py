@@ -70,6 +70,10 @@ class ProjectorConfig:
     layer_norm: bool = True
     # Start each CTC unit's row from the LLM's embedding of the unit's string (CTC encoders only)
     init_from_llm_embeddings: bool = False
+    # A trainable table of the LLM's embeddings of the CTC units, applied to the posteriors and added
+    # to the MLP (which then starts at zero): the projector starts as the posterior-weighted LLM
+    # embedding of the units and stays there under Adam (CTC encoders only; see speechllm.projector).
+    unit_lookup: bool = False
 
 
 @dataclass

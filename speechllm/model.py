@@ -74,6 +74,8 @@ class SpeechLLM(nn.Module):
         self.teacher_llm = None  # a frozen copy of the original LLM, when the LLM itself is trained
         if cfg.projector.init_from_llm_embeddings:
             self.projector.init_from_embeddings(self.unit_embeddings())
+        if cfg.projector.unit_lookup:
+            self.projector.init_lookup(self.unit_embeddings())
 
     @classmethod
     def build(cls, cfg: ModelConfig) -> SpeechLLM:
@@ -88,7 +90,7 @@ class SpeechLLM(nn.Module):
         """Mean LLM input embedding of each CTC unit's string (zeros for the blank / empty units)."""
         vocab = getattr(self.encoder, "vocab", None)
         if vocab is None:
-            raise ValueError("projector.init_from_llm_embeddings needs a CTC encoder (its units have strings)")
+            raise ValueError("projector.init_from_llm_embeddings / unit_lookup need a CTC encoder (its units have strings)")
         table = self.llm.get_input_embeddings().weight
         rows = torch.zeros(len(vocab), table.shape[1])
         for i in range(len(vocab)):

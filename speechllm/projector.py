@@ -22,7 +22,14 @@ def stack_frames(feats: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[to
 
 
 class Projector(nn.Module):
-    """Optional frame stacking, then LayerNorm -> Linear -> SiLU -> Linear (TASU's ``linear-silu``)."""
+    """Optional frame stacking, then LayerNorm -> Linear -> SiLU -> Linear (TASU's ``linear-silu``).
+
+    With ``unit_lookup`` a trainable (units x d_llm) table maps the posteriors themselves (no
+    LayerNorm) and the MLP, whose last layer starts at zero, is a residual on top. Why: an MLP set up
+    to reproduce the same map (``init_from_embeddings``) is scrambled within tens of Adam steps,
+    because LayerNorm turns a one-hot posterior into a dense vector, so every weight of the first
+    layer gets a gradient and moves by ~lr each step; the table's rows move only when their unit occurs.
+    """
 
     def __init__(self, input_dim: int, llm_dim: int, cfg: ProjectorConfig):
         super().__init__()
@@ -33,6 +40,9 @@ class Projector(nn.Module):
         self.act = nn.SiLU()
         self.fc2 = nn.Linear(cfg.hidden_dim, llm_dim)
         nn.init.zeros_(self.fc2.bias)  # as TASU: the last bias starts at zero
+        self.lookup = nn.Linear(in_dim, llm_dim, bias=False) if cfg.unit_lookup else None
+        if self.lookup is not None:
+            nn.init.zeros_(self.fc2.weight)  # the MLP starts as a zero residual on the table
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats, lengths = stack_frames(feats, lengths, self.stack)
@@ -41,7 +51,17 @@ class Projector(nn.Module):
         with torch.autocast(device_type=feats.device.type, enabled=False):
             x = self.norm(feats.float())
         x = self.fc2(self.act(self.fc1(x.to(self.fc1.weight.dtype))))
+        if self.lookup is not None:
+            x = x + self.lookup(feats.to(self.lookup.weight.dtype))
         return x, lengths
+
+    @torch.no_grad()
+    def init_lookup(self, unit_embeddings: torch.Tensor) -> None:
+        """Row i of the table = ``unit_embeddings[i]`` (the LLM's embedding of CTC unit i)."""
+        if self.lookup is None or self.stack != 1 or unit_embeddings.shape != self.lookup.weight.T.shape:
+            raise ValueError(f"unit_lookup needs stack_frames=1 and one embedding per CTC unit "
+                             f"({tuple(unit_embeddings.shape)} vs table {tuple(self.lookup.weight.T.shape) if self.lookup else None})")
+        self.lookup.weight.copy_(unit_embeddings.T)
 
     @torch.no_grad()
     def init_from_embeddings(self, unit_embeddings: torch.Tensor) -> None:
