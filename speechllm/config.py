@@ -74,6 +74,9 @@ class ProjectorConfig:
     # to the MLP (which then starts at zero): the projector starts as the posterior-weighted LLM
     # embedding of the units and stays there under Adam (CTC encoders only; see speechllm.projector).
     unit_lookup: bool = False
+    # The table reads only units with at least this probability: label smoothing's ~1e-5 on every
+    # unit would otherwise give every row a gradient, and Adam moves any row with one by ~lr a step.
+    lookup_min_prob: float = 1e-3
 
 
 @dataclass

@@ -25,7 +25,8 @@ class Projector(nn.Module):
     """Optional frame stacking, then LayerNorm -> Linear -> SiLU -> Linear (TASU's ``linear-silu``).
 
     With ``unit_lookup`` a trainable (units x d_llm) table maps the posteriors themselves (no
-    LayerNorm) and the MLP, whose last layer starts at zero, is a residual on top. Why: an MLP set up
+    LayerNorm; probabilities under ``lookup_min_prob`` left out) and the MLP, whose last layer starts at
+    zero, is a residual on top. Why: an MLP set up
     to reproduce the same map (``init_from_embeddings``) is scrambled within tens of Adam steps,
     because LayerNorm turns a one-hot posterior into a dense vector, so every weight of the first
     layer gets a gradient and moves by ~lr each step; the table's rows move only when their unit occurs.
@@ -41,6 +42,7 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(cfg.hidden_dim, llm_dim)
         nn.init.zeros_(self.fc2.bias)  # as TASU: the last bias starts at zero
         self.lookup = nn.Linear(in_dim, llm_dim, bias=False) if cfg.unit_lookup else None
+        self.lookup_min_prob = cfg.lookup_min_prob
         if self.lookup is not None:
             nn.init.zeros_(self.fc2.weight)  # the MLP starts as a zero residual on the table
 
@@ -52,7 +54,8 @@ class Projector(nn.Module):
             x = self.norm(feats.float())
         x = self.fc2(self.act(self.fc1(x.to(self.fc1.weight.dtype))))
         if self.lookup is not None:
-            x = x + self.lookup(feats.to(self.lookup.weight.dtype))
+            probs = feats.masked_fill(feats < self.lookup_min_prob, 0.0)
+            x = x + self.lookup(probs.to(self.lookup.weight.dtype))
         return x, lengths
 
     @torch.no_grad()

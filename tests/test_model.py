@@ -156,3 +156,26 @@ def test_beam_one_equals_a_plain_greedy_loop(tiny_model):
                 break
             new.append(token)
         assert hyps[i] == m.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_unit_lookup_projector_starts_at_the_llm_embeddings_and_only_seen_units_move(tiny_model_cfg):
+    cfg = tiny_model_cfg
+    cfg.projector.unit_lookup = True
+    cfg.projector.lookup_min_prob = 0.01  # above CPS smoothing's share per unit (at most 0.1 / 29 units here)
+    m = SpeechLLM.build(cfg)
+    units = m.unit_embeddings()
+    vocab = len(m.encoder.vocab)
+    onehot = torch.nn.functional.one_hot(torch.arange(vocab), vocab).float()[None]
+    out, _ = m.projector(onehot, torch.tensor([vocab]))
+    torch.testing.assert_close(out[0], units)  # the MLP residual starts at exactly zero
+    opt = torch.optim.AdamW(m.projector.parameters(), lr=1e-3, weight_decay=0.0)
+    seen = m.encoder.vocab.encode("dog")
+    for _ in range(3):
+        feats, lengths = m.encoder.encode_text(["dog"], [torch.Generator().manual_seed(0)])
+        opt.zero_grad()
+        m(feats, lengths, m.target_ids(["dog"]))["loss"].backward()
+        opt.step()
+    table = m.projector.lookup.weight.T.detach()
+    unseen = [i for i in range(vocab) if i not in seen]
+    torch.testing.assert_close(table[unseen], units[unseen])  # rows of units never heard stay put
+    assert not torch.allclose(table[seen], units[seen])
