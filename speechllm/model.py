@@ -75,7 +75,7 @@ class SpeechLLM(nn.Module):
         if cfg.projector.init_from_llm_embeddings:
             self.projector.init_from_embeddings(self.unit_embeddings())
         if cfg.projector.unit_lookup:
-            self.projector.init_lookup(self.unit_embeddings())
+            self.projector.init_lookup(self.unit_embeddings(), self.encoder.vocab.blank_id)
 
     @classmethod
     def build(cls, cfg: ModelConfig) -> SpeechLLM:

@@ -43,6 +43,7 @@ class Projector(nn.Module):
         nn.init.zeros_(self.fc2.bias)  # as TASU: the last bias starts at zero
         self.lookup = nn.Linear(in_dim, llm_dim, bias=False) if cfg.unit_lookup else None
         self.lookup_min_prob = cfg.lookup_min_prob
+        self.lookup_blank: int | None = None  # set with the table (init_lookup)
         if self.lookup is not None:
             nn.init.zeros_(self.fc2.weight)  # the MLP starts as a zero residual on the table
 
@@ -54,17 +55,26 @@ class Projector(nn.Module):
             x = self.norm(feats.float())
         x = self.fc2(self.act(self.fc1(x.to(self.fc1.weight.dtype))))
         if self.lookup is not None:
-            probs = feats.masked_fill(feats < self.lookup_min_prob, 0.0)
-            x = x + self.lookup(probs.to(self.lookup.weight.dtype))
+            x = x + self.lookup(self.unit_distribution(feats).to(self.lookup.weight.dtype))
         return x, lengths
 
+    def unit_distribution(self, probs: torch.Tensor) -> torch.Tensor:
+        """What the table reads: the posterior over the non-blank units (a kept LSD vector is often
+        half blank, which would otherwise shrink it towards zero), units under ``lookup_min_prob`` out."""
+        if self.lookup_blank is not None:
+            probs = probs.clone()
+            probs[..., self.lookup_blank] = 0.0
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-6)
+        return probs.masked_fill(probs < self.lookup_min_prob, 0.0)
+
     @torch.no_grad()
-    def init_lookup(self, unit_embeddings: torch.Tensor) -> None:
+    def init_lookup(self, unit_embeddings: torch.Tensor, blank_id: int | None = None) -> None:
         """Row i of the table = ``unit_embeddings[i]`` (the LLM's embedding of CTC unit i)."""
         if self.lookup is None or self.stack != 1 or unit_embeddings.shape != self.lookup.weight.T.shape:
             raise ValueError(f"unit_lookup needs stack_frames=1 and one embedding per CTC unit "
                              f"({tuple(unit_embeddings.shape)} vs table {tuple(self.lookup.weight.T.shape) if self.lookup else None})")
         self.lookup.weight.copy_(unit_embeddings.T)
+        self.lookup_blank = blank_id
 
     @torch.no_grad()
     def init_from_embeddings(self, unit_embeddings: torch.Tensor) -> None:
