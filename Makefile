@@ -26,7 +26,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts for
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head report status tensorboard lint bench faults clean
+.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats report status tensorboard lint bench faults clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -87,7 +87,11 @@ demo-data: setup system-deps
 ctc-head: demo-data assets
 	$(call TIMED,$(PY) -m stages prepare ctc-head --train $(DEMO_DATA)/speech/train.jsonl --eval $(DEMO_DATA)/speech/dev.jsonl --text $(DEMO_DATA)/text/train.jsonl --out $(CTC_HEAD),CTC head on Whisper tiny.en)
 
-demo: ctc-head
+# CPS noise matched to the head: its errors and real LSD vectors on training-voice speech.
+posterior-stats: ctc-head
+	$(call TIMED,$(PY) -m stages prepare posterior-stats --pipeline $(PIPELINE) --scale $(SCALE) --manifest $(DEMO_DATA)/speech/train.jsonl,posterior statistics)
+
+demo: posterior-stats
 	$(call TIMED,$(PY) -m stages run $(PIPELINE) $(RUN_ARGS),pipeline stages)
 	$(call TIMED,$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR),report)
 
@@ -95,7 +99,7 @@ report: setup
 	$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR)
 
 # The demo pipeline needs its data and CTC head first; other pipelines bring their own data.
-STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),ctc-head,setup)
+STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),posterior-stats,setup)
 
 stage1: $(STAGE_DEPS)
 	$(PY) -m stages run $(PIPELINE) --only align $(RUN_ARGS)
