@@ -284,16 +284,6 @@ def test_killed_worker_pool_resumes(fortunes, tmp_path, count_synthesis):
     assert len(rows) == 40 and all(sf.info(out / "speech" / r["audio"]).frames > 0 for r in rows)
 
 
-def test_parallel_workers_match_serial(fortunes, tmp_path):
-    serial = prep.prepare_demo_data(tmp_path / "a", fortunes_dir=fortunes, workers=1, **TINY)
-    parallel = prep.prepare_demo_data(tmp_path / "b", fortunes_dir=fortunes, workers=2, **TINY)
-    assert parallel["synthesized"] == serial["synthesized"] == 18
-    for split in prep.SPLITS:
-        assert read_jsonl(tmp_path / "a" / "speech" / f"{split}.jsonl") == read_jsonl(
-            tmp_path / "b" / "speech" / f"{split}.jsonl"
-        )
-
-
 def test_voice_errors(fortunes, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="never be used for training"):
         prep.prepare_demo_data(
