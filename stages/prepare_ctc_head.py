@@ -147,7 +147,11 @@ class Features:
 
 
 def _file_key(path: Path) -> dict:
+    """What identifies a file's content: a hash for manifests and configs (data preparation rewrites
+    them unchanged on every run, which must not retrain the head), size and time for big weights."""
     stat = path.stat()
+    if stat.st_size < 50 * 2**20:
+        return {"path": str(path.resolve()), "sha1": hashlib.sha1(path.read_bytes()).hexdigest()}
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 

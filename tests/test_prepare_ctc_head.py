@@ -98,7 +98,7 @@ def test_llm_units_are_decoded_tokens_after_the_characters(llm_dir):
     assert len(hybrid) == 1 + len(prep.CHARS) + 3
 
 
-def test_feature_cache_is_reused_until_the_manifest_changes(data, whisper_dir, tmp_path, monkeypatch):
+def test_feature_cache_is_reused_until_the_manifest_content_changes(data, whisper_dir, tmp_path, monkeypatch):
     first = prep.encode_manifest(data["eval"], whisper_dir, tmp_path)
     assert first.ids == ["dev-0", "dev-1"] and first.lengths.tolist() == [75, 75]
     assert first.feats.shape == (150, 32) and len(list(tmp_path.glob("*.safetensors"))) == 1
@@ -111,7 +111,12 @@ def test_feature_cache_is_reused_until_the_manifest_changes(data, whisper_dir, t
         again = prep.encode_manifest(data["eval"], whisper_dir, tmp_path)
     torch.testing.assert_close(again.feats, first.feats)
     stat = data["eval"].stat()
-    os.utime(data["eval"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # "edited"
+    data["eval"].write_text(data["eval"].read_text())  # rewritten unchanged, as data preparation does
+    os.utime(data["eval"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with monkeypatch.context() as m:
+        m.setattr(prep.WhisperSpeechEncoder, "from_pretrained", no_encoder)
+        prep.encode_manifest(data["eval"], whisper_dir, tmp_path)  # same content: the cache holds
+    data["eval"].write_text(data["eval"].read_text().replace('"dev-1"', '"dev-1b"'))  # edited
     with monkeypatch.context() as m:
         m.setattr(prep.WhisperSpeechEncoder, "from_pretrained", no_encoder)
         with pytest.raises(AssertionError, match="re-encoded"):
