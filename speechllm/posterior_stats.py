@@ -51,13 +51,18 @@ class PosteriorStats:
     pools: dict[int, torch.Tensor]  # observed unit -> (N, V) real LSD vectors
     insert_pool: torch.Tensor  # (N, V) real vectors that were insertions
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, key: str = "") -> None:
+        """Atomically; ``key`` names what the statistics were measured with (encoder, data)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"confusion": self.confusion, "insert_rate": self.insert_rate,
+        torch.save({"confusion": self.confusion, "insert_rate": self.insert_rate, "key": key,
                     "pools": {str(k): v for k, v in self.pools.items()}, "insert_pool": self.insert_pool}, tmp)
         tmp.replace(path)
+
+    @staticmethod
+    def saved_key(path: str | Path) -> str | None:
+        return torch.load(path, weights_only=True).get("key") if Path(path).is_file() else None
 
     @classmethod
     def load(cls, path: str | Path) -> PosteriorStats:

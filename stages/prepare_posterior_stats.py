@@ -4,6 +4,8 @@ speech (confusions, insertions, real LSD vectors) for CPS noise matched to real 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 
 from datamodules.manifest import load_audio, load_manifest
@@ -28,8 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.model.encoder.cps.stats or "")
     if not cfg.model.encoder.cps.stats:
         parser.error(f"{args.pipeline}: stage {args.stage!r} sets no model.encoder.cps.stats path")
-    if out.is_file():
-        PosteriorStats.load(out)  # a complete file: nothing to do
+    enc = cfg.model.encoder
+    # Measured with this encoder (its CTC head's weights), this LSD threshold and this speech.
+    head = Path(enc.ctc_head) / "head.safetensors" if enc.ctc_head else None
+    key = hashlib.sha1(json.dumps({
+        "encoder": str(enc.pretrained), "lsd": [enc.lsd, enc.lsd_blank_threshold], "limit": args.limit,
+        "head": hashlib.sha1(head.read_bytes()).hexdigest() if head and head.is_file() else None,
+        "manifest": hashlib.sha1(Path(args.manifest).read_bytes()).hexdigest()}).encode()).hexdigest()
+    if PosteriorStats.saved_key(out) == key:
         print(f"posterior statistics already at {out}")
         return 0
     cfg.model.encoder.cps.matched_share = 0.0  # measuring, not simulating
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(0, len(items), args.batch_size)
     )
     stats = collect_posterior_stats(encoder, batches)
-    stats.save(out)
+    stats.save(out, key)
     kept = stats.confusion.diagonal()[: stats.confusion.shape[0]]
     print(f"posterior statistics of {len(items)} clips -> {out}: insertion rate {stats.insert_rate:.3f}, "
           f"mean P(correct unit) {kept.mean():.3f}, pools for {len(stats.pools)} units")
