@@ -20,16 +20,19 @@ from pathlib import Path
 from stages.runner import loss_curve
 
 LEVERS: dict[str, list[str]] = {
-    "baseline (short prompt, no system prompt, fp32, 2 threads)": [],
+    "baseline (the demo default: unit lookup, LoRA r16, short prompt, fp32, 2 threads)": [],
     "default system prompt": ["model.prompt.system_prompt=null"],
-    "no prompt-prefix KV reuse": ["model.prompt.cache_prefix=false"],
     "bf16 autocast": ["trainer.precision=bf16-mixed"],
     "1 thread": ["trainer.num_threads=1"],
     "targets cut to 24 tokens": ["model.prompt.max_target_tokens=24"],
-    "lr 1e-4": ["optim.lr=1e-4"],
-    "projector init from LLM embeddings": ["model.projector.init_from_llm_embeddings=true",
-                                           "model.projector.hidden_dim=2048"],
-    "LoRA r16 on q,v": ["model.llm.lora.enabled=true", "optim.lr_llm=5e-4"],
+    "no matched CPS noise": ["model.encoder.cps.matched_share=0.0"],
+    # Prefix key/value reuse needs a frozen LLM: measured with LoRA off, with and without it.
+    "LoRA off (frozen LLM, prompt prefix KV reused)": ["model.llm.lora.enabled=false"],
+    "LoRA off, no prefix KV reuse": ["model.llm.lora.enabled=false", "model.prompt.cache_prefix=false"],
+    "TASU MLP projector, lr 1e-3": ["model.projector.unit_lookup=false", "optim.lr=1e-3"],
+    "MLP initialised from LLM embeddings, lr 1e-4": ["model.projector.unit_lookup=false",
+                                                     "model.projector.init_from_llm_embeddings=true",
+                                                     "model.projector.hidden_dim=2048"],
 }
 DISTILL: dict[str, list[str]] = {
     "NLL (alpha 0)": ["distill.alpha=0.0"],
