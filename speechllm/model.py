@@ -305,8 +305,14 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def generate_from_text(self, texts: list[str], gen: GenerationConfig | None = None) -> list[str]:
-        """The same prompt with each text's tokens in the speech slot (the LLM's text ceiling)."""
-        return self.generate_rows(self.instruction_rows(self.text_ids(texts))[0], gen=gen)
+        """The same prompt with each text's tokens in the speech slot (the LLM's text ceiling).
+
+        Generation is bounded as for speech, each text token counting as one speech vector, so the
+        ceiling and the speech path stop under the same rule.
+        """
+        ids = self.text_ids(texts)
+        lengths = torch.tensor([len(i) for i in ids])
+        return self.generate_rows(self.instruction_rows(ids)[0], gen=gen, speech_lengths=lengths)
 
     def transcribe(self, waveforms: list[torch.Tensor], gen: GenerationConfig | None = None) -> list[str]:
         feats, lengths = self.encoder.encode_speech(waveforms)

@@ -66,7 +66,9 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
         model = None
         sets, limit = (cfg.data.test, cfg.data.test_max_samples) if cfg.data.test else (cfg.data.val, cfg.data.val_max_samples)
         for set_name, manifest in sets.items():
-            key = f"{manifest}|{limit}|{json.dumps(dict(cfg.model.encoder), default=str)}|{cfg.model.llm.pretrained}|{cfg.model.prompt.task_prompt}"
+            # Everything the two baselines depend on: the encoder, the LLM, the prompt and how it generates.
+            key = "|".join([manifest, str(limit), cfg.model.llm.pretrained or "", *(
+                json.dumps(dict(part), default=str) for part in (cfg.model.encoder, cfg.model.prompt, cfg.model.generation))])
             if key not in cached:
                 model = model or SpeechLLM.build(cfg.model).eval()
                 cached[key] = {"set": set_name, **baselines(model, manifest, limit)}

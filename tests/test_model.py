@@ -1,5 +1,7 @@
 """The model core: splicing, label mask, loss, batched == one-by-one generation, saving."""
 
+import math
+
 import torch
 from omegaconf import OmegaConf
 
@@ -179,3 +181,16 @@ def test_unit_lookup_projector_starts_at_the_llm_embeddings_and_only_seen_units_
     unseen = [i for i in range(vocab) if i not in seen]
     torch.testing.assert_close(table[unseen], units[unseen])  # rows of units never heard stay put
     assert not torch.allclose(table[seen], units[seen])
+
+
+def test_text_ceiling_is_bounded_like_speech(tiny_model, monkeypatch):
+    """The text ceiling stops under the speech path's rule, each text token counting as a vector."""
+    m = tiny_model
+    texts = ["the cat sat on the mat", "hi"]
+    longest = max(len(ids) for ids in m.text_ids(texts))
+    asked = []
+    real_generate = m.llm.generate
+    monkeypatch.setattr(m.llm, "generate", lambda **kw: asked.append(kw["max_new_tokens"]) or real_generate(**kw))
+    for per_vector, expected in ((0.5, math.ceil(0.5 * longest) + 4), (0.0, 40)):
+        m.generate_from_text(texts, GenerationConfig(max_new_tokens=40, max_new_tokens_per_speech_vector=per_vector))
+        assert asked[-1] == expected
