@@ -78,23 +78,47 @@ def stage_outputs(stage: Path) -> dict:
             "steps": metrics["steps"]}
 
 
-def test_every_stage_runs_on_two_processes_like_on_one(tmp_path, tiny_data):
-    pipeline = pipeline_for(tmp_path, tiny_data)
-    extra = ("trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.checkpoint_every_n_steps=2")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    runs = {}
-    for devices in (1, 2):
-        run_dir = tmp_path / f"devices{devices}"
-        proc = subprocess.run(command(pipeline, run_dir, *extra, f"trainer.devices={devices}",
-                                      "trainer.collective_timeout_s=120"),
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[devices] = run_dir / "tiny"
+WHOLE = ("trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.checkpoint_every_n_steps=2")
+
+
+def run_whole_pipeline(pipeline: Path, run_dir: Path, devices: int) -> Path:
+    proc = subprocess.run(command(pipeline, run_dir, *WHOLE, f"trainer.devices={devices}", "trainer.collective_timeout_s=120"),
+                          cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir / "tiny"
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_data) -> tuple[Path, Path]:
+    """The whole tiny pipeline on one process: (pipeline file, run directory)."""
+    root = tmp_path_factory.mktemp("whole")
+    pipeline = pipeline_for(root, tiny_data)
+    return pipeline, run_whole_pipeline(pipeline, root / "devices1", 1)
+
+
+def test_every_stage_runs_on_two_processes_like_on_one(tmp_path, one_process_run):
+    pipeline, one_run = one_process_run
+    two_run = run_whole_pipeline(pipeline, tmp_path / "devices2", 2)
     for stage in ("align", "asr", "distill", "select"):
-        one, two = stage_outputs(runs[1] / stage), stage_outputs(runs[2] / stage)
+        one, two = stage_outputs(one_run / stage), stage_outputs(two_run / stage)
         assert one == two, stage
         assert "DONE" in two["files"] and "trainable.safetensors" in two["model"]
     # Two ranks share the selection work; its result is the same set of synthesised texts.
-    selected = {d: [json.loads(line)["id"] for line in (runs[d] / "select/selection/synthetic/selected.jsonl").open()]
-                for d in (1, 2)}
-    assert selected[1] == selected[2]
+    selected = [[json.loads(line)["id"] for line in (run / "select/selection/synthetic/selected.jsonl").open()]
+                for run in (one_run, two_run)]
+    assert selected[0] == selected[1]
+
+
+def test_report_covers_every_stage_and_the_baselines(one_process_run):
+    pipeline, run = one_process_run
+    proc = subprocess.run([sys.executable, "-m", "stages", "report", str(pipeline), "--run-dir", str(run.parent)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["stages"]) == {"align", "asr", "distill", "select"}
+    base = next(iter(report["baselines"].values()))
+    assert 0 <= base["ctc_greedy_wer"] and 0 <= base["llm_text_ceiling_wer"]
+    for stage in report["stages"]:
+        assert f"-- {stage} (" in proc.stdout
+        assert json.loads((run / stage / "metrics.json").read_text())["report"]["baselines"] == report["baselines"]
+    assert "-- select: selection (gamma" in proc.stdout and "selected topics:" in proc.stdout
