@@ -52,8 +52,8 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
     cache = run_root / "baselines.json"
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     for name, stage_dir, cfg in stages:
-        if not cfg.enabled:
-            continue
+        if not cfg.enabled and not stage_dir.metrics.is_file():
+            continue  # a comparison run at another scale (or enabled by an override) is shown once it ran
         if not stage_dir.metrics.is_file():
             report["stages"][name] = {"state": "not finished"}
             continue
@@ -143,9 +143,14 @@ def format_report(report: dict) -> str:
 
 
 def _final(report: dict, stage: str, metric: str) -> float | None:
+    """A stage's final value of ``metric``: on its test set where it has one, else on validation."""
     m = report["stages"].get(stage, {})
-    values = [v[1] for sets in [_eval_sets(m)] for s in sets.values() for k, v in s.items() if k == metric]
-    return values[0] if values else None
+    for split in ("test", "val"):
+        for key, value in m.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == split and parts[2] == metric:
+                return value
+    return None
 
 
 def comparisons(report: dict) -> list[str]:
@@ -153,7 +158,7 @@ def comparisons(report: dict) -> list[str]:
     out = []
     stages = report["stages"]
     if {"asr", "asr_scratch"} <= set(stages):
-        out += ["== stage 2: WER on held-out voices at the same real-speech budget and steps ==",
+        out += ["== stage 2: WER on held-out voices (test set) at the same real-speech budget and steps ==",
                 f"   (a) stage 1 only, zero-shot          {_fmt(_final(report, 'align', 'wer'))}",
                 f"   (b) stage 2 from a fresh projector   {_fmt(_final(report, 'asr_scratch', 'wer'))}",
                 f"   (c) stage 1 -> stage 2 (curriculum)  {_fmt(_final(report, 'asr', 'wer'))}"]
