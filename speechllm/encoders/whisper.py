@@ -80,10 +80,13 @@ class WhisperSpeechEncoder(SpeechEncoder):
                 f"{self.max_mel_frames * fe.hop_length / self.sample_rate:g} s ({self.max_mel_frames} mel frames); "
                 "split or trim it first"
             )
-        features = fe(
-            waveform.detach().float().cpu().numpy(), sampling_rate=self.sample_rate,
-            padding="longest", truncation=False, return_tensors="pt",
-        ).input_features
+        # The extractor computes in torch and hands back numpy: under a bf16 autocast its output
+        # would be bf16, which numpy cannot hold. The log-mel is float32 in every precision.
+        with torch.autocast(device_type="cpu", enabled=False):
+            features = fe(
+                waveform.detach().float().cpu().numpy(), sampling_rate=self.sample_rate,
+                padding="longest", truncation=False, return_tensors="pt",
+            ).input_features
         return features[0]
 
     @torch.no_grad()

@@ -101,3 +101,13 @@ def test_build_encoder_from_config():
     built = build_encoder(cfg)
     assert isinstance(built, WhisperSpeechEncoder)
     assert torch.equal(built.encoder.conv1.weight, tiny_encoder(seed=4).encoder.conv1.weight)
+
+
+def test_log_mel_is_float32_under_a_bf16_autocast(encoder):
+    """Lightning's bf16-mixed wraps the whole step in an autocast; the log-mel must not come out bf16."""
+    wave = clip(8000, 3)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mel = encoder.log_mel(wave)
+        feats, _ = encoder.encode_speech([wave])
+    assert mel.dtype == torch.float32 and torch.equal(mel, encoder.log_mel(wave))
+    assert torch.isfinite(feats).all()
