@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.runner import loss_curve
+from stages.runner import loss_curve, scalar_series
 
 LEVERS: dict[str, list[str]] = {
     "baseline (the demo default: unit lookup, LoRA r16, short prompt, fp32, 2 threads)": [],
@@ -67,11 +67,8 @@ def run_variants(pipeline: str, stage: str, variants: dict[str, list[str]], step
 
 
 def _mean_scalar(tb_dir: Path, tag: str) -> float | None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    values = [e.value for e in acc.Scalars(tag)][1:] if tag in acc.Tags()["scalars"] else []
+    series = scalar_series(tb_dir, tag)
+    values = [series[step] for step in sorted(series)][1:]
     return sum(values) / len(values) if values else None
 
 

@@ -27,6 +27,7 @@ import soundfile as sf
 import torch
 
 from stages.prepare_tiny_data import prepare_tiny_data
+from stages.runner import scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -232,21 +233,13 @@ def context_overflow(root: Path) -> Outcome:
                    "counted; stage finished" if ok else last_error(proc), "none (cut, counted)" if ok else "?", ok)
 
 
-def losses(stage: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(stage / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/loss")}
-
-
 def kill_during_training(root: Path) -> Outcome:
     ws = Workspace(root, "sigkill_training")
     saved = ws.kill_at_step(4)
     rerun = ws.run()
     clean = Workspace(root, "sigkill_training_reference")
     clean.run()
-    resumed, reference = losses(ws.stage), losses(clean.stage)
+    resumed, reference = scalar_series(ws.stage / "tb"), scalar_series(clean.stage / "tb")
     same = set(resumed) == set(reference) == set(range(STEPS)) and all(
         abs(resumed[s] - reference[s]) < 1e-6 for s in reference)
     ok = rerun.returncode == 0 and ws.done() and same and saved is not None

@@ -83,6 +83,46 @@ class StepTimer(L.Callback):
         return self.total / self.count if self.count else None
 
 
+class StepLogsSurviveKill(L.Callback):
+    """Keep TensorBoard curves whole across a SIGKILL and resume.
+
+    Lightning writes a step's ``self.log`` metrics after that step's checkpoint, so a kill in between
+    would leave the step missing forever (the resumed run starts after it). The checkpoint carries
+    those metrics and the resumed run logs them again; TensorBoard keeps the later copy of a step.
+    """
+
+    def __init__(self):
+        self.pending: dict[str, Any] | None = None
+
+    def on_train_batch_start(self, *args) -> None:
+        self.pending = None
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        # Runs before ModelCheckpoint's hook (Lightning orders checkpoint callbacks last).
+        connector = trainer._logger_connector
+        if trainer.fit_loop._should_accumulate() or not connector.should_update_logs or not trainer.loggers:
+            return
+        metrics = {k: float(v) for k, v in connector.metrics["log"].items()}
+        self.pending = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped,
+                        "metrics": {**metrics, "epoch": trainer.current_epoch}}
+
+    def on_validation_start(self, *args) -> None:
+        self.pending = None  # validation runs after the step's metrics were logged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": self.pending}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pending = state_dict.get("pending")
+
+    def on_train_start(self, trainer, *args) -> None:
+        if self.pending:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.pending["metrics"], step=self.pending["step"])
+                logger.save()
+        self.pending = None
+
+
 @dataclass
 class StageDir:
     root: Path
@@ -190,7 +230,7 @@ def build_trainer(cfg: StageConfig, stage_dir: StageDir, module) -> L.Trainer:
         # The data module shards every loader itself (resumable batch streams, padded eval sets).
         use_distributed_sampler=False,
         logger=TensorBoardLogger(str(stage_dir.root), name="tb", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepTimer()],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepTimer(), StepLogsSurviveKill()],
         plugins=[AtomicCheckpointIO(stage_dir.progress, t.max_steps)], default_root_dir=str(stage_dir.root), enable_model_summary=False,
     )
 
@@ -274,15 +314,23 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
     return metrics
 
 
-def loss_curve(tb_dir: Path, tag: str = "train/loss", points: int = 11) -> dict[str, float]:
-    """First/last values of a logged scalar and a few evenly spaced points (for reports)."""
+def scalar_series(path: Path, tag: str = "train/loss") -> dict[int, float]:
+    """A logged scalar by step, from a TensorBoard directory or one event file ({} if never logged).
+    A resumed run re-logs steps; TensorBoard keeps the later value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
     acc.Reload()
     if tag not in acc.Tags().get("scalars", []):
         return {}
-    values = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed run re-logs steps: keep the last
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def loss_curve(tb_dir: Path, tag: str = "train/loss", points: int = 11) -> dict[str, float]:
+    """First/last values of a logged scalar and a few evenly spaced points (for reports)."""
+    values = scalar_series(tb_dir, tag)
+    if not values:
+        return {}
     steps = sorted(values)
     tail = [values[s] for s in steps[-10:] if math.isfinite(values[s])]  # skipped NaN steps do not count
     picks = sorted({steps[round(i * (len(steps) - 1) / (points - 1))] for i in range(points)})

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stages.runner import scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,12 +28,6 @@ def pipeline_for(tmp_path: Path, data: Path) -> Path:
 
 def command(pipeline: Path, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "stages", "run", str(pipeline), "--run-dir", str(run_dir), "trainer.num_threads=1", *extra]
-
-
-def losses(stage: Path) -> dict[int, float]:
-    acc = EventAccumulator(str(stage / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/loss")}
 
 
 @pytest.mark.parametrize("stage", ["asr", "distill", "select"])
@@ -64,7 +59,7 @@ def test_stage_resumes_exactly_after_sigkill(stage, tmp_path, tiny_data):
     clean = subprocess.run(command(pipeline, tmp_path / "clean", *extra), cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=900)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    resumed, uninterrupted = losses(stage_dir), losses(tmp_path / "clean" / "tiny" / stage)
+    resumed, uninterrupted = scalar_series(stage_dir / "tb"), scalar_series(tmp_path / "clean" / "tiny" / stage / "tb")
     assert set(resumed) == set(uninterrupted) == set(range(steps))
     for step in range(steps):
         assert abs(resumed[step] - uninterrupted[step]) <= 1e-6, (step, resumed[step], uninterrupted[step])
