@@ -272,7 +272,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "auto"  # auto = bf16-mixed where supported (CUDA with bf16), else 32-true
+    precision: str = "auto"  # auto = bf16-mixed on a bf16 GPU or a CPU with bf16 instructions, else 32-true
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     val_check_interval: int = 200  # steps

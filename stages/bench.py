@@ -20,8 +20,10 @@ from pathlib import Path
 from stages.runner import loss_curve, scalar_series
 
 LEVERS: dict[str, list[str]] = {
-    "baseline (the demo default: unit lookup, LoRA r16, short prompt, fp32, 2 threads)": [],
+    # precision auto: bf16-mixed on a CPU with bf16 instructions, float32 elsewhere; both are measured.
+    "baseline (the demo default: unit lookup, LoRA r16, short prompt, precision auto, 2 threads)": [],
     "default system prompt": ["model.prompt.system_prompt=null"],
+    "float32": ["trainer.precision=32-true"],
     "bf16 autocast": ["trainer.precision=bf16-mixed"],
     "1 thread": ["trainer.num_threads=1"],
     "targets cut to 24 tokens": ["model.prompt.max_target_tokens=24"],

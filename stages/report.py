@@ -120,7 +120,8 @@ def format_report(report: dict) -> str:
         step = m.get("train_step_s_mean")
         lines.append(f"-- {name} ({m['kind']}): {m['steps']} steps, train loss {m.get('train_loss_first', float('nan')):.3f} -> "
                      f"{m.get('train_loss_last10_mean', float('nan')):.3f} (last 10 mean)"
-                     + (f", {step:.2f} s/step" if step else "") + f", {m.get('wall_time_s_this_run', 0):.0f} s wall")
+                     + (f", {step:.2f} s/step" if step else "") + (f" ({m['precision']})" if m.get("precision") else "")
+                     + f", {m.get('wall_time_s_this_run', 0):.0f} s wall")
         for set_name, metrics in _eval_sets(m).items():
             for metric, label in SHOWN.items():
                 if metric in metrics:
