@@ -89,6 +89,8 @@ class StepLogsSurviveKill(L.Callback):
     Lightning writes a step's ``self.log`` metrics after that step's checkpoint, so a kill in between
     would leave the step missing forever (the resumed run starts after it). The checkpoint carries
     those metrics and the resumed run logs them again; TensorBoard keeps the later copy of a step.
+    It reads Lightning's own step bookkeeping (private attributes, no public equivalent): a Lightning
+    upgrade that moves them fails ``test_sigkill_then_rerun_resumes_exactly``.
     """
 
     def __init__(self):
