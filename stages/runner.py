@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -230,6 +231,9 @@ def build_trainer(cfg: StageConfig, stage_dir: StageDir, module) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    # The frozen encoder and LLM stay in eval mode on purpose (no dropout, a valid prefix cache):
+    # Lightning's warning about it would greet every run.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
         dirpath=stage_dir.root / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
