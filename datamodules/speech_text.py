@@ -25,9 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.manifest import Utterance, load_audio, load_manifest, normalize_target
 from datamodules.sampling import BucketingStream, FixedSizeStream, MixtureBatchSampler
 from speechllm.config import SourceConfig, StageConfig
+from speechllm.manifest import Utterance, load_audio, load_manifest, normalize_target
 from speechllm.schedules import ramp
 
 SOURCE_KINDS = ("speech", "simulated", "text")

@@ -1,6 +1,6 @@
 """Stage 4, ``select``: active misalignment-driven selection, then distillation (SALAD stage II).
 
-Starts from stage 3's model (``init_from``). Before the first step, :func:`stages.selection.run_selection`
+Starts from stage 3's model (``init_from``). Before the first step, :func:`speechllm.active_selection.run_selection`
 clusters the text pool, probes each cluster's misalignment with this model, draws texts from
 P_target(c) ∝ P_web(c) M(c)^gamma and synthesises them; the synthetic set becomes the
 ``selection.source`` training source, next to natural speech and text (equal shares by default).
@@ -11,7 +11,7 @@ figure, the selection histogram, a few synthesised clips and the selection repor
 from __future__ import annotations
 
 from lightning_modules.distillation import DistillModule
-from stages.selection import run_selection, seconds_of
+from speechllm.active_selection import run_selection, seconds_of
 
 
 class SelectModule(DistillModule):
@@ -32,7 +32,7 @@ class SelectModule(DistillModule):
         natural_texts = set()
         seconds = 0.0
         if natural is not None and natural.manifest:
-            from datamodules.manifest import load_manifest
+            from speechllm.manifest import load_manifest
 
             natural_texts = {" ".join(u.text.split()) for u in load_manifest(natural.manifest)}
             seconds = seconds_of(natural.manifest) if sel.budget_unit == "fraction" else 0.0
@@ -57,7 +57,7 @@ class SelectModule(DistillModule):
         import matplotlib.pyplot as plt
         import torch
 
-        from datamodules.manifest import load_audio, load_manifest
+        from speechllm.manifest import load_audio, load_manifest
 
         clusters = sorted(report["clusters"], key=lambda r: r["cluster"])
         fig, axes = plt.subplots(2, 1, figsize=(max(6, len(clusters) * 0.12), 6), sharex=True)
@@ -71,7 +71,7 @@ class SelectModule(DistillModule):
         selected = torch.tensor([r["cluster"] for r in clusters for _ in range(r["selected"])], dtype=torch.float)
         if len(selected):
             experiment.add_histogram("selection/selected_clusters", selected, self.global_step)
-        from stages.selection import report_markdown
+        from speechllm.active_selection import report_markdown
 
         experiment.add_text("selection/report", report_markdown(report), self.global_step)
         manifest = report["manifest"]

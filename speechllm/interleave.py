@@ -1,7 +1,7 @@
 """SALAD's interleaved speech/text sequences: which words of an utterance are read as text and which
 are heard as speech.
 
-An utterance's ``words`` (``[{"w", "start", "end"}]``, see ``datamodules/manifest.py``) are split into
+An utterance's ``words`` (``[{"w", "start", "end"}]``, see ``speechllm/manifest.py``) are split into
 spans that alternate text (10-30 words) and speech (5-15 words), lengths drawn at random. An entry's
 ``"w"`` may hold several words (speech synthesised chunk by chunk has exact boundaries only between
 chunks), so a span is always a run of whole entries and speech is only ever cut between entries.

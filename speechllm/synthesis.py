@@ -221,7 +221,7 @@ def manifest_rows(
     items: list[SynthesisItem], results: dict[str, dict], extra: dict[str, dict] | None = None
 ) -> list[dict]:
     """Manifest rows (``id, audio, duration, text, speaker[, words]`` + ``extra[id]``) in item order,
-    for ``datamodules.manifest.write_manifest``; ``audio`` stays relative to the output folder."""
+    for ``speechllm.manifest.write_manifest``; ``audio`` stays relative to the output folder."""
     extra = extra or {}
     rows = []
     for item in items:

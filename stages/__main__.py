@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from datamodules.manifest import ManifestError
 from speechllm.config import ConfigError
+from speechllm.manifest import ManifestError
 
 # `python -m stages prepare WHAT ...` -> that module's main(argv)
 PREPARE_STEPS = {

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datamodules.manifest import load_audio, load_manifest, normalize_target
 from speechllm.config import GenerationConfig
+from speechllm.manifest import load_audio, load_manifest, normalize_target
 from speechllm.metrics import corpus_errors, normalize
 from speechllm.model import SpeechLLM
 

@@ -42,10 +42,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from datamodules.manifest import Utterance, load_audio, load_manifest
 from speechllm.encoders.base import pad_sequences
 from speechllm.encoders.ctc import CTCHead, CTCVocabulary
 from speechllm.encoders.whisper import WhisperSpeechEncoder
+from speechllm.manifest import Utterance, load_audio, load_manifest
 from speechllm.metrics import corpus_errors, normalize
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from datamodules.manifest import write_manifest
+from speechllm.manifest import write_manifest
 from speechllm.synthesis import SynthesisItem, chunk_words, manifest_rows, synthesize_items
 from speechllm.tts import TTSUnavailableError, get_voice, normalize_text
 

@@ -8,8 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from datamodules.manifest import load_audio, load_manifest
 from speechllm.encoders import build_encoder
+from speechllm.manifest import load_audio, load_manifest
 from speechllm.posterior_stats import PosteriorStats, collect_posterior_stats
 from stages.runner import resolve_stage_configs
 

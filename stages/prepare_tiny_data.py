@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from datamodules.manifest import write_manifest
+from speechllm.manifest import write_manifest
 
 WORDS = ("the a cat dog sat ran on under mat big small red blue we you they see saw go went home "
          "now then here there good bad fast slow one two three").split()

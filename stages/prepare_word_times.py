@@ -17,10 +17,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from datamodules.manifest import Utterance, load_audio, load_manifest, write_manifest
 from speechllm.encoders import build_encoder
 from speechllm.encoders.ctc import CTCPosteriorEncoder
 from speechllm.forced_alignment import units_per_word, word_times
+from speechllm.manifest import Utterance, load_audio, load_manifest, write_manifest
 from stages.runner import resolve_stage_configs
 
 # Posteriors are softmax outputs; a unit with probability 0 must stay alignable (just very unlikely).

@@ -14,7 +14,7 @@ import json
 import torch
 from tqdm import tqdm
 
-from datamodules.manifest import load_audio, load_manifest, normalize_target
+from speechllm.manifest import load_audio, load_manifest, normalize_target
 from speechllm.metrics import corpus_errors
 from speechllm.model import SpeechLLM
 from stages.runner import resolve_stage_configs

@@ -8,10 +8,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from datamodules.manifest import load_manifest
 from speechllm.encoders.ctc import CTCVocabulary
 from speechllm.forced_alignment import ctc_forced_align, units_per_word, word_times
 from speechllm.interleave import validate_words
+from speechllm.manifest import load_manifest
 
 
 def collapse(path: list[int], blank: int) -> list[int]:

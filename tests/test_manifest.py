@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from datamodules.manifest import ManifestError, load_manifest, normalize_target
+from speechllm.manifest import ManifestError, load_manifest, normalize_target
 
 
 def write(path, lines):

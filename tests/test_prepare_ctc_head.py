@@ -12,8 +12,8 @@ import soundfile as sf
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from datamodules.manifest import write_manifest
 from speechllm.encoders.ctc import CTCHead, CTCVocabulary
+from speechllm.manifest import write_manifest
 from stages import prepare_ctc_head as prep
 
 SR = 16000

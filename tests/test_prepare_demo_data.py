@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from datamodules.manifest import load_manifest
 from speechllm import synthesis
+from speechllm.manifest import load_manifest
 from speechllm.tts import TTSUnavailableError, get_voice
 from stages import prepare_demo_data as prep
 

@@ -6,9 +6,9 @@ import numpy as np
 import soundfile as sf
 from omegaconf import OmegaConf
 
-from datamodules.manifest import load_manifest
 from datamodules.speech_text import SpeechTextDataModule, check_audio
 from speechllm.config import StageConfig
+from speechllm.manifest import load_manifest
 
 
 def test_bad_clips_are_skipped_and_counted_by_reason(tmp_path):

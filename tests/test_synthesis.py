@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from datamodules.manifest import load_manifest, write_manifest
+from speechllm.manifest import load_manifest, write_manifest
 from speechllm.synthesis import SynthesisItem, chunk_words, manifest_rows, synthesize_items, words_path
 from speechllm.tts import TTSUnavailableError, get_voice, resample
 

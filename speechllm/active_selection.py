@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from datamodules.manifest import load_audio, load_manifest, write_manifest
 from speechllm.clustering import cluster_shares, kmeans
 from speechllm.config import StageConfig
 from speechllm.distributed import all_gather_objects, barrier, rank_and_world
 from speechllm.embedding import build_embedder
+from speechllm.manifest import load_audio, load_manifest, write_manifest
 from speechllm.measures import misalignment_forgetting
 from speechllm.model import SpeechLLM
 from speechllm.selection import draw_selection, selection_histogram, target_distribution
