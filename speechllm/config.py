@@ -6,13 +6,16 @@ load time with the key *and the file* named (the failure mode of untyped Hydra c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from speechllm.choices import Choice
 from speechllm.schedules import Ramp
 
 
@@ -20,127 +23,187 @@ class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
 
 
+def setting(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A schema field with its help text (shown by ``python -m stages schema`` and in load errors)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------- choices
+
+
+class Backbone(Choice):
+    whisper = "whisper"
+
+
+class DType(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class SourceKind(Choice):
+    speech = "speech"  # audio through the encoder
+    simulated = "simulated"  # text through the encoder's text side (CPS or a text tower)
+    text = "text"  # plain text read by the LLM, no speech (SALAD's text share)
+
+
+class TargetNormalization(Choice):
+    tasu = "tasu"
+    none = "none"
+
+
+class WERNormalizer(Choice):
+    whisper = "whisper"
+    tasu = "tasu"
+    none = "none"
+
+
+class KLDirection(Choice):
+    forward = "forward"
+    reverse = "reverse"
+    jsd = "jsd"
+
+
+class DistillFormat(Choice):
+    interleaved = "interleaved"
+    instruction = "instruction"
+
+
+class BudgetUnit(Choice):
+    texts = "texts"
+    words = "words"
+    seconds = "seconds"
+    fraction = "fraction"
+
+
+class Optimizer(Choice):
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    constant = "constant"
+    wsd = "wsd"
+
+
 # --------------------------------------------------------------------------------------- model
 
 
 @dataclass
 class CPSConfig:
-    """CTC posterior simulation (PAPERS.md §2.2); defaults are TASU's released code values."""
+    """CTC posterior simulation (CPS, docs/methods.md#cps); defaults are TASU's released code values."""
 
-    smoothing_max: float = 0.1  # label smoothing a ~ U(0, smoothing_max), one draw per utterance
-    keep_prob: float = 0.95  # each row kept independently with this probability
-    insert_prob: float = 0.0  # floor(L' * insert_prob) insertions (off by default, as in TASU)
-    insert_repeat_share: float = 0.5  # share of insertions that repeat the previous row (else blank)
-    # Share of utterances simulated instead from the encoder's measured errors and real posterior
-    # vectors (speechllm.posterior_stats; 0 = TASU's CPS only), and where those statistics live.
-    matched_share: float = 0.0
-    stats: Optional[str] = None
+    smoothing_max: float = setting(0.1, "label smoothing a ~ U(0, smoothing_max), one draw per utterance")
+    keep_prob: float = setting(0.95, "each row is kept independently with this probability")
+    insert_prob: float = setting(0.0, "floor(L' * insert_prob) insertions (off by default, as in TASU)")
+    insert_repeat_share: float = setting(0.5, "share of insertions that repeat the previous row (else a blank)")
+    matched_share: float = setting(
+        0.0, "share of utterances simulated instead from the encoder's measured errors and real posterior "
+        "vectors (`prepare posterior-stats`); 0 = TASU's CPS only")
+    stats: Optional[str] = setting(None, "posterior statistics file (needed when matched_share > 0)")
 
 
 @dataclass
 class EncoderConfig:
-    """The frozen speech encoder.
+    """The frozen speech encoder: ``pretrained`` (Hub id or local path) or ``from_config`` (random
+    weights, for tests). The fields a kind reads are declared by its entry in ``speechllm.encoders``."""
 
-    kind: ``ctc`` (CTC posteriors + LSD; text side = CPS), ``whisper`` (continuous real-length
-    Whisper states) or ``dual_tower`` (TESU-LLM style text + speech towers, SeamlessM4Tv2).
-    Either ``pretrained`` (Hub id or local path) or ``from_config`` (random weights, for tests).
-    """
-
-    kind: str = "ctc"
-    pretrained: Optional[str] = None
-    from_config: Optional[dict[str, Any]] = None
-    init_seed: int = 0  # makes from_config weights identical in every process and reload
-    # CTC path: an encoder + separately trained CTC head (e.g. a head on frozen Whisper states)
-    backbone: Optional[str] = None  # "whisper" when pretrained points at a Whisper model
-    ctc_head: Optional[str] = None  # path to a saved CTC head (see speechllm.encoders.ctc)
-    vocab: Optional[list[str]] = None  # CTC vocabulary for from_config models (index 0 = blank)
-    blank_id: Optional[int] = None  # default: the model's pad_token_id (wav2vec2, parakeet)
-    lsd: bool = True  # label-synchronous compression of the posteriors
-    lsd_blank_threshold: float = 0.9
-    cps: CPSConfig = field(default_factory=CPSConfig)
-    sample_rate: int = 16000
+    kind: str = setting("ctc", "an encoder kind registered in speechllm.encoders (ctc, whisper, dual_tower, ...)")
+    pretrained: Optional[str] = setting(None, "Hub id or local path of the encoder")
+    from_config: Optional[dict[str, Any]] = setting(None, "a transformers config: random weights (tests)")
+    init_seed: int = setting(0, "makes from_config weights identical in every process and on reload")
+    backbone: Optional[Backbone] = setting(None, "ctc: the encoder under a separately trained CTC head")
+    ctc_head: Optional[str] = setting(None, "ctc: path of a CTC head saved by `prepare ctc-head`")
+    vocab: Optional[list[str]] = setting(None, "ctc: CTC vocabulary of a from_config model (index 0 = blank)")
+    blank_id: Optional[int] = setting(None, "ctc: blank index (default: the model's pad_token_id)")
+    lsd: bool = setting(True, "ctc: label-synchronous compression of the posteriors")
+    lsd_blank_threshold: float = setting(0.9, "ctc: LSD drops vectors whose blank probability is at least this")
+    cps: CPSConfig = setting(help="ctc: simulated posteriors for the text side", factory=CPSConfig)
+    sample_rate: int = setting(16000, "audio sample rate the encoder expects (clips are resampled to it)")
 
 
 @dataclass
 class ProjectorConfig:
     """Encoder space -> LLM embedding space. Default: TASU's LayerNorm-Linear-SiLU-Linear."""
 
-    hidden_dim: int = 2048
-    stack_frames: int = 1  # frame stacking (downsampling k) before the MLP; 1 = none
-    layer_norm: bool = True
-    # Start each CTC unit's row from the LLM's embedding of the unit's string (CTC encoders only)
-    init_from_llm_embeddings: bool = False
-    # A trainable table of the LLM's embeddings of the CTC units, applied to the posteriors and added
-    # to the MLP (which then starts at zero): the projector starts as the posterior-weighted LLM
-    # embedding of the units and stays there under Adam (CTC encoders only; see speechllm.projector).
-    unit_lookup: bool = False
-    # The table reads only units with at least this probability: label smoothing's ~1e-5 on every
-    # unit would otherwise give every row a gradient, and Adam moves any row with one by ~lr a step.
-    lookup_min_prob: float = 1e-3
+    hidden_dim: int = setting(2048, "width of the MLP's hidden layer")
+    stack_frames: int = setting(1, "frame stacking (downsampling k) before the MLP; 1 = none")
+    layer_norm: bool = setting(True, "LayerNorm on the encoder features first")
+    init_from_llm_embeddings: bool = setting(
+        False, "start each CTC unit's row from the LLM's embedding of the unit's string (CTC encoders only)")
+    unit_lookup: bool = setting(
+        False, "a trainable table of the LLM's embeddings of the CTC units, applied to the posteriors and "
+        "added to a zero-started MLP: the projector starts as the posterior-weighted unit embedding (CTC "
+        "encoders only; see speechllm.projector)")
+    lookup_min_prob: float = setting(
+        1e-3, "the table reads only units with at least this probability (label smoothing's ~1e-5 on "
+        "every unit would give every row an Adam step)")
 
 
 @dataclass
 class LoRAConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    enabled: bool = setting(False, "train LoRA adapters of the LLM (peft)")
+    r: int = setting(16, "LoRA rank")
+    alpha: int = setting(32, "LoRA alpha (scale alpha / r)")
+    dropout: float = setting(0.05, "LoRA dropout")
+    target_modules: list[str] = setting(help="modules that get adapters", factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass
 class LLMConfig:
-    pretrained: Optional[str] = None
-    gguf_file: Optional[str] = None
-    from_config: Optional[dict[str, Any]] = None
-    init_seed: int = 0
-    tokenizer: Optional[str] = None  # default: same as pretrained
-    # from_config models get a character tokenizer over this alphabet (tests only)
-    char_alphabet: str = " abcdefghijklmnopqrstuvwxyz'.,?!"
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights of the frozen LLM)
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    freeze: bool = True
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    gradient_checkpointing: bool = False
-    attn_implementation: Optional[str] = None
+    pretrained: Optional[str] = setting(None, "Hub id or local path of the causal LM")
+    gguf_file: Optional[str] = setting(None, "a GGUF file inside `pretrained` to dequantise (transformers)")
+    from_config: Optional[dict[str, Any]] = setting(None, "a transformers config: random weights (tests)")
+    init_seed: int = setting(0, "makes from_config weights identical in every process and on reload")
+    tokenizer: Optional[str] = setting(None, "tokenizer id/path (default: pretrained)")
+    char_alphabet: str = setting(" abcdefghijklmnopqrstuvwxyz'.,?!",
+                                 "from_config models get a character tokenizer over this alphabet (tests)")
+    dtype: DType = setting(DType.float32, "weights of the LLM")
+    load_in_4bit: bool = setting(False, "load the LLM in 4 bit (bitsandbytes NF4)")
+    load_in_8bit: bool = setting(False, "load the LLM in 8 bit (bitsandbytes)")
+    freeze: bool = setting(True, "keep the LLM's own weights frozen (false = full fine-tuning)")
+    lora: LoRAConfig = setting(help="LoRA adapters", factory=LoRAConfig)
+    gradient_checkpointing: bool = setting(False, "recompute the LLM's activations in the backward pass")
+    attn_implementation: Optional[str] = setting(None, "transformers attn_implementation (eager, sdpa, ...)")
 
 
 @dataclass
 class PromptConfig:
     """How the speech is placed in the LLM input: ``{task_prompt}<speech>`` as the user turn."""
 
-    task_prompt: str = "Transcribe the audio:"
-    use_chat_template: bool = True
-    # None keeps the template's default (SmolLM2 then inserts its own ~20-token system prompt);
-    # "" passes an empty system turn where the template allows it.
-    system_prompt: Optional[str] = None
-    max_target_tokens: int = 128
-    # Reuse the fixed prompt prefix's keys/values in training while the LLM is frozen (no LoRA).
-    cache_prefix: bool = True
+    task_prompt: str = setting("Transcribe the audio:", "text before the speech in the user turn")
+    use_chat_template: bool = setting(True, "render the prompt with the LLM's chat template")
+    system_prompt: Optional[str] = setting(
+        None, "None keeps the template's default (SmolLM2 then inserts its own ~20-token system prompt); "
+        "\"\" passes an empty system turn where the template allows it")
+    max_target_tokens: int = setting(128, "training targets are cut to this many tokens")
+    cache_prefix: bool = setting(True, "reuse the fixed prompt prefix's keys/values while the LLM is frozen")
 
 
 @dataclass
 class GenerationConfig:
-    num_beams: int = 1
-    max_new_tokens: int = 128
-    # Length guard: at most ceil(ratio * speech vectors) + 4 new tokens (0 = off). A transcript is
-    # never much longer than its label-rate input, and a looping model stops early.
-    max_new_tokens_per_speech_vector: float = 0.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0  # repetition guard; 0 = off
+    num_beams: int = setting(1, "beam size (1 = greedy)")
+    max_new_tokens: int = setting(128, "upper bound on generated tokens")
+    max_new_tokens_per_speech_vector: float = setting(
+        0.0, "length guard: at most ceil(ratio * speech vectors) + 4 new tokens (0 = off); a transcript is "
+        "never much longer than its label-rate input, and a looping model stops early")
+    repetition_penalty: float = setting(1.0, "transformers' repetition penalty (1 = off)")
+    no_repeat_ngram_size: int = setting(0, "repetition guard: no n-gram twice (0 = off)")
 
 
 @dataclass
 class ModelConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    # The LM head runs on this many positions at a time (checkpointed), so a 152k vocabulary never
-    # holds a (positions x vocabulary) tensor; 0 = all at once.
-    loss_chunk_size: int = 1024
+    encoder: EncoderConfig = setting(help="the frozen speech encoder", factory=EncoderConfig)
+    projector: ProjectorConfig = setting(help="encoder -> LLM embeddings", factory=ProjectorConfig)
+    llm: LLMConfig = setting(help="the text LLM", factory=LLMConfig)
+    prompt: PromptConfig = setting(help="where the speech goes in the LLM input", factory=PromptConfig)
+    generation: GenerationConfig = setting(help="decoding", factory=GenerationConfig)
+    loss_chunk_size: int = setting(
+        1024, "the LM head runs on this many positions at a time (checkpointed), so a 152k vocabulary "
+        "never holds a (positions x vocabulary) tensor; 0 = all at once")
 
 
 # --------------------------------------------------------------------------------------- stage
@@ -148,184 +211,251 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """One training source, mixed with the others batch by batch by its share (a ramp over steps).
+    """One training source, mixed with the others batch by batch by its share (a ramp over steps)."""
 
-    kind: ``speech`` (audio through the encoder), ``simulated`` (text through the encoder's text
-    side: CPS or a text tower) or ``text`` (plain text read by the LLM, no speech: SALAD's text share).
-    """
-
-    manifest: str = ""
-    kind: str = "speech"
-    share: Ramp = field(default_factory=Ramp)
+    manifest: str = setting("", "JSONL manifest (text-only lines for simulated and text sources)")
+    kind: SourceKind = setting(SourceKind.speech, "speech (audio through the encoder), simulated (text through the encoder's text side) or text (plain text read by the LLM)")
+    share: Ramp = setting(help="share of batches from this source, by step", factory=Ramp)
 
 
 @dataclass
 class BatchingConfig:
     """Batches by padded size (duration bucketing) instead of a fixed count, when a budget is set."""
 
-    max_seconds: float = 0.0  # batch size x longest clip, in seconds (speech sources); 0 = off
-    max_tokens: int = 0  # batch size x longest target, in LLM tokens; 0 = off
-    pool_batches: int = 50  # clips are sorted by duration within pools of this many batches
+    max_seconds: float = setting(0.0, "batch size x longest clip, in seconds (speech sources); 0 = off")
+    max_tokens: int = setting(0, "batch size x longest target, in LLM tokens; 0 = off")
+    pool_batches: int = setting(50, "clips are sorted by duration within pools of this many batches")
 
 
 @dataclass
 class DifficultyConfig:
-    """Simulated input made harder over training by rule (TASU2's controlled difficulty): each ramp,
-    when set, replaces that ``encoder.cps`` rate at every step."""
+    """Simulated input made harder over training by rule (controlled difficulty): each ramp, when set,
+    replaces that ``encoder.cps`` rate at every step."""
 
-    smoothing_max: Optional[Ramp] = None
-    keep_prob: Optional[Ramp] = None
-    insert_prob: Optional[Ramp] = None
+    smoothing_max: Optional[Ramp] = setting(None, "ramp of encoder.cps.smoothing_max")
+    keep_prob: Optional[Ramp] = setting(None, "ramp of encoder.cps.keep_prob")
+    insert_prob: Optional[Ramp] = setting(None, "ramp of encoder.cps.insert_prob")
 
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None  # manifest (text-only lines are fine for `align`)
-    # Named sources mixed by share (stages 2-4); empty = `train` alone, of the stage's natural kind.
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
-    val: dict[str, str] = field(default_factory=dict)  # name -> speech manifest, WER during training
-    test: dict[str, str] = field(default_factory=dict)  # name -> speech manifest, WER before/after training
-    batch_size: int = 8
-    val_batch_size: int = 8
-    val_max_samples: int = 0  # 0 = all
-    test_max_samples: int = 0
-    num_workers: int = 0
-    # TASU's target normalisation: keep [A-Za-z\s.,!?'] and lowercase ("none" keeps the text)
-    target_normalization: str = "tasu"
-    max_audio_seconds: float = 30.0
-    # Training items with more words are skipped (and counted): sequence length is the cost of a
-    # step, and the text pool may hold texts far longer than any utterance it stands in for.
-    max_train_words: int = 0  # 0 = no limit
+    train: Optional[str] = setting(None, "manifest trained on alone, as the stage kind's first source kind")
+    sources: dict[str, SourceConfig] = setting(
+        help="named sources mixed by share (stages 2-4); empty = `train` alone", factory=dict)
+    batching: BatchingConfig = setting(help="duration bucketing", factory=BatchingConfig)
+    difficulty: DifficultyConfig = setting(help="CPS rates ramped over training", factory=DifficultyConfig)
+    val: dict[str, str] = setting(help="name -> speech manifest: WER during training", factory=dict)
+    test: dict[str, str] = setting(help="name -> speech manifest: WER before and after training", factory=dict)
+    batch_size: int = setting(8, "training batch size (without a batching budget)")
+    val_batch_size: int = setting(8, "evaluation batch size")
+    val_max_samples: int = setting(0, "first N clips of each val set (0 = all)")
+    test_max_samples: int = setting(0, "first N clips of each test set (0 = all)")
+    num_workers: int = setting(0, "DataLoader workers")
+    target_normalization: TargetNormalization = setting(
+        TargetNormalization.tasu, "training targets: tasu keeps [A-Za-z\\s.,!?'] and lowercases; none keeps the text")
+    wer_normalizer: WERNormalizer = setting(
+        WERNormalizer.whisper, "text normaliser before WER in validation and test (as `decode --normalizer`)")
+    max_audio_seconds: float = setting(30.0, "longer clips are skipped (and counted)")
+    max_train_words: int = setting(
+        0, "training items with more words are skipped and counted (0 = no limit): sequence length is a "
+        "step's cost, and a text pool may hold texts far longer than any utterance")
 
 
 @dataclass
 class DistillConfig:
-    """Cross-modal distillation (SALAD, PAPERS.md §3.2): ``alpha * KL + (1 - alpha) * NLL`` over the
-    positions that predict text tokens. Direction and temperature are inferred (the paper is silent)."""
+    """Cross-modal distillation (SALAD stage I, docs/methods.md#distillation): ``alpha * KL + (1 - alpha)
+    * NLL`` over the positions that predict text tokens. Direction and temperature are our choice (the
+    paper is silent)."""
 
-    alpha: float = 1.0
-    direction: str = "forward"  # forward KL(teacher || student) | reverse | jsd
-    temperature: float = 1.0
-    scale_by_t2: bool = False
-    format: str = "interleaved"  # interleaved (SALAD) | instruction (speech replaces the user turn)
-    text_span_words: list[int] = field(default_factory=lambda: [10, 30])
-    speech_span_words: list[int] = field(default_factory=lambda: [5, 15])
+    alpha: float = setting(1.0, "weight of the KL term (1 - alpha on the NLL)")
+    direction: KLDirection = setting(KLDirection.forward, "forward KL(teacher || student) | reverse | jsd")
+    temperature: float = setting(1.0, "softmax temperature of both distributions")
+    scale_by_t2: bool = setting(False, "multiply the KL by T^2")
+    format: DistillFormat = setting(
+        DistillFormat.interleaved, "interleaved (SALAD: text and speech spans alternate) | instruction (speech in the user turn)")
+    text_span_words: list[int] = setting(help="interleaved: [min, max] words of a text span", factory=lambda: [10, 30])
+    speech_span_words: list[int] = setting(help="interleaved: [min, max] words of a speech span", factory=lambda: [5, 15])
 
 
 @dataclass
 class MeasureConfig:
-    """Held-out measures logged at each validation and written to metrics.json (PAPERS.md §3.2, §5.5):
-    misalignment M and forgetting F (token-mean KL) on ``sets``, multiple-choice accuracy on text and
-    on speech on ``multiple_choice`` (options scored by length-normalised log-likelihood)."""
+    """Held-out measures logged at each validation and written to metrics.json (docs/methods.md#measures):
+    misalignment M and forgetting F on ``sets``, multiple-choice accuracy on ``multiple_choice``."""
 
-    sets: dict[str, str] = field(default_factory=dict)
-    max_samples: int = 0
-    multiple_choice: dict[str, str] = field(default_factory=dict)
-    mc_max_samples: int = 0
-    batch_size: int = 8
+    sets: dict[str, str] = setting(help="name -> documents manifest for M and F", factory=dict)
+    max_samples: int = setting(0, "first N documents of each set (0 = all)")
+    multiple_choice: dict[str, str] = setting(help="name -> multiple-choice manifest", factory=dict)
+    mc_max_samples: int = setting(0, "first N questions of each set (0 = all)")
+    batch_size: int = setting(8, "documents per measuring batch")
 
 
 @dataclass
 class SelectionConfig:
-    """SALAD stage II (PAPERS.md §3.3): cluster a text pool, probe each cluster's misalignment with
-    the current model, draw texts from P_target(c) ∝ P_web(c) M(c)^gamma, synthesise them."""
+    """SALAD stage II (docs/methods.md#selection): cluster a text pool, probe each cluster's
+    misalignment with the current model, draw texts from P_target(c) ∝ P_web(c) M(c)^gamma, synthesise."""
 
-    pool: str = ""  # text manifest (documents); `topic` fields, when present, label the report
-    source: str = "synthetic"  # the data.sources entry that trains on the synthesised selection
-    embedder: str = "minilm"  # sentence-transformers id/path, "minilm" (offline all-MiniLM-L6-v2), "hashing:<dim>"
-    clusters: int = 128
-    balanced: bool = True
-    kmeans_iters: int = 50
-    probe_per_cluster: int = 4
-    gamma: float = 5.0
-    budget_unit: str = "seconds"  # texts | words | seconds (of speech, estimated from words) | fraction
-    budget: float = 600.0  # fraction: of the `natural` source's speech seconds
-    natural: str = "natural"  # the data.sources entry whose seconds a `fraction` budget refers to
-    words_per_second: float = 2.5  # speaking rate that turns words into estimated seconds
-    rounds: int = 1
-    voices: list[str] = field(default_factory=lambda: ["espeak-ng:en-us"])
-    chunk_words: list[int] = field(default_factory=lambda: [3, 6])  # synthesised chunk by chunk (exact span cuts)
-    workers: int = 2
-    seed: int = 0
+    pool: str = setting("", "text manifest (documents); `topic` fields, when present, label the report")
+    source: str = setting("synthetic", "the data.sources entry that trains on the synthesised selection")
+    embedder: str = setting("minilm", "sentence-transformers id/path, minilm (offline all-MiniLM-L6-v2) or hashing:<dim>")
+    clusters: int = setting(128, "k of k-means")
+    balanced: bool = setting(True, "balanced k-means (clusters of about equal size)")
+    kmeans_iters: int = setting(50, "k-means iterations")
+    probe_per_cluster: int = setting(4, "texts synthesised per cluster to measure M(c)")
+    gamma: float = setting(5.0, "P_target(c) ∝ P_web(c) M(c)^gamma; 0 = uniform selection")
+    budget_unit: BudgetUnit = setting(
+        BudgetUnit.seconds, "texts | words | seconds (of speech, estimated from words) | fraction (of the natural source's seconds)")
+    budget: float = setting(600.0, "how much to select, in budget_unit")
+    natural: str = setting("natural", "the data.sources entry whose seconds a fraction budget refers to")
+    words_per_second: float = setting(2.5, "speaking rate that turns words into estimated seconds")
+    voices: list[str] = setting(help="TTS voices (speechllm.tts ids)", factory=lambda: ["espeak-ng:en-us"])
+    chunk_words: list[int] = setting(help="[min, max] words per synthesised chunk (exact span cuts)", factory=lambda: [3, 6])
+    workers: int = setting(2, "synthesis processes")
+    seed: int = setting(0, "seed of the draw and the probes")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
-    lr: float = 5e-5  # projector / adapter
-    lr_llm: Optional[float] = None  # LoRA or LLM parameters; default = lr
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-6
-    schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.0
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    optimizer: Optimizer = setting(Optimizer.adamw, "adamw | adamw8bit (bitsandbytes)")
+    lr: float = setting(5e-5, "projector / adapter learning rate")
+    lr_llm: Optional[float] = setting(None, "LoRA or LLM learning rate (default: lr)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    betas: list[float] = setting(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    eps: float = setting(1e-6, "AdamW epsilon")
+    schedule: Schedule = setting(Schedule.cosine, "after warm-up: cosine | constant | wsd (warmup-stable-decay)")
+    warmup_steps: int = setting(200, "linear warm-up steps")
+    min_lr_ratio: float = setting(0.0, "floor of the decay, as a share of lr")
+    decay_fraction: float = setting(0.2, "wsd: share of steps spent decaying")
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "auto"  # auto = bf16-mixed on a bf16 GPU or a CPU with bf16 instructions, else 32-true
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float = 1.0
-    val_check_interval: int = 200  # steps
-    evaluate_before_training: bool = True  # test (else val) WER of the starting point, at step 0
-    log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 100
-    keep_last_checkpoints: int = 1
-    num_threads: int = 0  # torch threads on CPU; 0 = all cores
-    max_nonfinite_steps: int = 20  # consecutive NaN/inf-gradient steps skipped before the run stops
-    collective_timeout_s: int = 600  # a rank that stops answering ends a multi-device job after this
-    log_text_samples: int = 4
+    max_steps: int = setting(1000, "optimizer steps")
+    accelerator: str = setting("auto", "Lightning accelerator: auto | cpu | gpu | cuda | mps")
+    devices: Any = setting(1, "devices per node (int, list or auto)")
+    num_nodes: int = setting(1, "nodes")
+    strategy: str = setting("auto", "auto (DDP when several devices) | ddp | fsdp | a Lightning strategy name")
+    precision: str = setting(
+        "auto", "auto = bf16-mixed on a bf16 GPU or a CPU with bf16 instructions, else 32-true; or a "
+        "Lightning precision (32-true, bf16-mixed, 16-mixed, bf16-true, ...)")
+    accumulate_grad_batches: int = setting(1, "micro-batches per optimizer step")
+    gradient_clip_val: float = setting(1.0, "gradient norm clip (0 = off)")
+    val_check_interval: int = setting(200, "steps between validations")
+    evaluate_before_training: bool = setting(True, "test (else val) metrics of the starting point, at step 0")
+    log_every_n_steps: int = setting(10, "steps between logged training scalars")
+    checkpoint_every_n_steps: int = setting(100, "steps between checkpoints")
+    keep_last_checkpoints: int = setting(1, "step checkpoints kept besides last.ckpt")
+    num_threads: int = setting(0, "torch threads on CPU; 0 = all cores")
+    max_nonfinite_steps: int = setting(20, "consecutive NaN/inf-gradient steps skipped before the run stops")
+    collective_timeout_s: int = setting(600, "a rank that stops answering ends a multi-device job after this")
+    log_text_samples: int = setting(4, "hypothesis/reference pairs logged to TensorBoard per validation")
 
 
 @dataclass
 class StageConfig:
     """One stage of a pipeline, fully resolved (this is what lands in ``config.yaml``)."""
 
-    kind: str = "align"  # align | asr | distill | select
-    enabled: bool = True  # a scale can leave a stage out (e.g. comparison runs only at the `full` scale)
-    init_from: Optional[str] = None  # a previous stage's model/ directory, or stage name
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    measures: MeasureConfig = field(default_factory=MeasureConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    kind: str = setting("align", "a stage kind registered in lightning_modules (align, asr, distill, select, ...)")
+    enabled: bool = setting(True, "a scale can leave a stage out (e.g. comparison runs only at the full scale)")
+    init_from: Optional[str] = setting(None, "a previous stage's model/ directory, or a stage name")
+    seed: int = setting(0, "seed of the run (data order, simulated noise, span plans)")
+    model: ModelConfig = setting(help="encoder, projector, LLM, prompt, decoding", factory=ModelConfig)
+    data: DataConfig = setting(help="training sources and evaluation sets", factory=DataConfig)
+    distill: DistillConfig = setting(help="stage 3/4 loss and the interleaved format", factory=DistillConfig)
+    measures: MeasureConfig = setting(help="M, F and multiple choice", factory=MeasureConfig)
+    selection: SelectionConfig = setting(help="stage 4's data selection", factory=SelectionConfig)
+    optim: OptimConfig = setting(help="optimiser and schedule", factory=OptimConfig)
+    trainer: TrainerConfig = setting(help="Lightning trainer", factory=TrainerConfig)
 
 
 @dataclass
 class PipelineStage:
-    name: str = ""
-    include: list[str] = field(default_factory=list)  # stage presets (configs/stage/*.yaml), before `config`
-    config: dict[str, Any] = field(default_factory=dict)  # overrides of StageConfig for this stage
+    name: str = setting("", "the stage's name (its run directory)")
+    include: list[str] = setting(help="stage presets (configs/stage/*.yaml), merged before `config`", factory=list)
+    config: dict[str, Any] = setting(help="overrides of StageConfig for this stage", factory=dict)
 
 
 @dataclass
 class PipelineConfig:
     """A pipeline YAML: shared settings for every stage, then the stages in order."""
 
-    name: str = ""
-    run_dir: str = "runs"
-    defaults: dict[str, Any] = field(default_factory=dict)  # StageConfig keys shared by all stages
-    include: list[str] = field(default_factory=list)  # YAML files merged into defaults, in order
-    stages: list[PipelineStage] = field(default_factory=list)
-    # Named scales of the same pipeline: {scale: {defaults: {...}, stages: {stage name: {...}}}},
-    # applied after the stage blocks. The first scale is the default; others run under
-    # ``<name>-<scale>`` so their run directories never mix.
-    scales: dict[str, Any] = field(default_factory=dict)
+    name: str = setting("", "run directory name (default: the file's stem)")
+    run_dir: str = setting("runs", "root of the run directories")
+    defaults: dict[str, Any] = setting(help="StageConfig keys shared by all stages", factory=dict)
+    include: list[str] = setting(help="YAML files merged into defaults, in order", factory=list)
+    stages: list[PipelineStage] = setting(help="the stages, in order", factory=list)
+    scales: dict[str, Any] = setting(
+        help="named scales: {scale: {defaults: {...}, stages: {stage name: {...}}}}, applied after the stage "
+        "blocks; the first is the default, others run under <name>-<scale>", factory=dict)
 
 
 # --------------------------------------------------------------------------------------- loading
+
+
+def _unwrap(tp: Any) -> Any:
+    """The dataclass (or plain type) inside Optional[...], dict[str, ...] and list[...] annotations."""
+    args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+    origin = getattr(tp, "__origin__", None)
+    if origin is dict:
+        return _unwrap(args[-1])
+    if args and origin is not list:  # Optional[X]
+        return _unwrap(args[0])
+    return tp
+
+
+def schema_field(key: str, schema: type | None = None):
+    """The dataclass field behind a dotted key (``data.sources.speech.kind``: the source's name is an entry
+    of a dict field, skipped), or None when the key is not in the schema."""
+    cls, found, entry_name_next = schema or StageConfig, None, False
+    for part in key.split("."):
+        if entry_name_next:
+            entry_name_next = False
+            continue
+        if not is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        found = next((f for f in fields(cls) if f.name == part), None)
+        if found is None:
+            return None
+        entry_name_next = getattr(hints[part], "__origin__", None) is dict
+        cls = _unwrap(hints[part])
+    return found
+
+
+def field_help(key: str, schema: type | None = None) -> str:
+    f = schema_field(key, schema)
+    return f.metadata.get("help", "") if f is not None else ""
+
+
+def describe_schema(prefix: str = "", schema: type | None = None) -> list[str]:
+    """One line per leaf field under ``prefix``: ``key: type = default  # help`` (for ``--help``)."""
+
+    def walk(cls: type, path: str) -> list[str]:
+        lines = []
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            key = f"{path}{f.name}"
+            inner = _unwrap(hints[f.name])
+            if is_dataclass(inner):
+                below = key + (".<name>." if getattr(hints[f.name], "__origin__", None) is dict else ".")
+                if below.startswith(prefix) or prefix.startswith(below) or key.startswith(prefix):
+                    lines += walk(inner, below)
+                continue
+            if not key.startswith(prefix):
+                continue
+            if isinstance(inner, type) and issubclass(inner, Choice):
+                kind = " | ".join(inner.values())
+            else:
+                kind = getattr(inner, "__name__", str(hints[f.name]).replace("typing.", ""))
+            if getattr(hints[f.name], "__origin__", None) is dict:
+                kind = f"dict[str, {kind}]"
+            default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else "???")
+            if isinstance(default, Choice):
+                default = default.value
+            help_text = f.metadata.get("help", "")
+            lines.append(f"{key}: {kind} = {default!r}" + (f"  # {help_text}" if help_text else ""))
+        return lines
+
+    return walk(schema or StageConfig, "")
 
 
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
@@ -334,7 +464,8 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         reason = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]  # OmegaConf appends its context
-        raise ConfigError(f"{source}: invalid key {key!r}: {reason}") from None
+        help_text = field_help(str(key), OmegaConf.get_type(base)) if key else ""
+        raise ConfigError(f"{source}: invalid key {key!r}: {reason}" + (f" ({help_text})" if help_text else "")) from None
 
 
 def load_yaml(path: str | Path) -> DictConfig:

@@ -8,15 +8,22 @@ config form of it; ``ramp`` the plain function, usable on a config node's fields
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-RAMP_KINDS = ("constant", "linear", "cosine", "step")
+from speechllm.choices import Choice
+
+
+class RampKind(Choice):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+    step = "step"
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in RAMP_KINDS:
-        raise ValueError(f"unknown ramp kind {kind!r}; allowed: {', '.join(RAMP_KINDS)}")
+    if kind not in RampKind.values():
+        raise ValueError(f"unknown ramp kind {kind!r}; allowed: {', '.join(RampKind.values())}")
 
 
 def ramp(kind: str, start: float, end: float | None, start_step: int, end_step: int, step: int) -> float:
@@ -45,11 +52,11 @@ def ramp(kind: str, start: float, end: float | None, start_step: int, end_step: 
 class Ramp:
     """Config form of :func:`ramp`; call it with the step. ``Optional`` (not ``X | None``): OmegaConf."""
 
-    kind: str = "constant"  # constant | linear | cosine | step
-    start: float = 1.0
-    end: Optional[float] = None  # None = start
-    start_step: int = 0
-    end_step: int = 0
+    kind: RampKind = field(default=RampKind.constant, metadata={"help": "constant | linear | cosine | step"})
+    start: float = field(default=1.0, metadata={"help": "value until start_step"})
+    end: Optional[float] = field(default=None, metadata={"help": "value from end_step on (None = start)"})
+    start_step: int = field(default=0, metadata={"help": "the ramp leaves start here"})
+    end_step: int = field(default=0, metadata={"help": "the ramp reaches end here (step: jumps here)"})
 
     def __post_init__(self) -> None:
         _check_kind(self.kind)
