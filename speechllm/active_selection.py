@@ -27,6 +27,7 @@ from speechllm.clustering import cluster_shares, kmeans
 from speechllm.config import StageConfig
 from speechllm.distributed import all_gather_objects, barrier, rank_and_world
 from speechllm.embedding import build_embedder
+from speechllm.io import atomic_open, atomic_write
 from speechllm.manifest import load_audio, load_manifest, write_manifest
 from speechllm.measures import misalignment_forgetting
 from speechllm.model import SpeechLLM
@@ -48,13 +49,11 @@ def _cached(path: Path, key: str) -> Any | None:
 
 
 def _save(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".pt":
-        torch.save(data, tmp)
+        with atomic_open(path, "wb") as f:
+            torch.save(data, f)
     else:
-        tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+        atomic_write(path, json.dumps(data, indent=1))
 
 
 def _rank_zero_computes(path: Path, key: str, compute) -> Any:
@@ -175,7 +174,7 @@ def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seco
         write_manifest(manifest, manifest_rows(selected, results, extra))
         report["synthesised_seconds"] = round(sum(r["duration"] for r in results.values()), 1)
         _save(out / "report.json", report)
-        (out / "report.md").write_text(report_markdown(report))
+        atomic_write(out / "report.md", report_markdown(report))
     barrier()
     return json.loads((out / "report.json").read_text())
 

@@ -17,6 +17,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from speechllm.io import atomic_open
+
 
 class ManifestError(ValueError):
     """A manifest line that does not follow the contract."""
@@ -110,13 +112,9 @@ def load_manifest(path: str | Path, require_audio: bool = False) -> list[Utteran
 
 def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write JSONL atomically (a killed writer never leaves half a manifest)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def load_audio(path: Path, sample_rate: int) -> torch.Tensor:

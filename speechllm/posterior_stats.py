@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from speechllm.io import atomic_open
+
 
 def align_units(ref: list[int], hyp: list[int]) -> list[tuple[int | None, int | None]]:
     """Levenshtein alignment as (ref unit or None, hyp position or None) pairs, in order."""
@@ -53,12 +55,9 @@ class PosteriorStats:
 
     def save(self, path: str | Path, key: str = "") -> None:
         """Atomically; ``key`` names what the statistics were measured with (encoder, data)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"confusion": self.confusion, "insert_rate": self.insert_rate, "key": key,
-                    "pools": {str(k): v for k, v in self.pools.items()}, "insert_pool": self.insert_pool}, tmp)
-        tmp.replace(path)
+        with atomic_open(path, "wb") as f:
+            torch.save({"confusion": self.confusion, "insert_rate": self.insert_rate, "key": key,
+                        "pools": {str(k): v for k, v in self.pools.items()}, "insert_pool": self.insert_pool}, f)
 
     @staticmethod
     def saved_key(path: str | Path) -> str | None:

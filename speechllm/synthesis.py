@@ -14,7 +14,6 @@ seeded 3-6-word (say) chunks of a chunked item; ``manifest_rows`` turns results 
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -25,6 +24,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
+from speechllm.io import atomic_write
 from speechllm.tts import (
     SAMPLE_RATE,
     TTSVoice,
@@ -141,11 +141,7 @@ def _synthesize(item: SynthesisItem, out_dir: str) -> dict:
         if item.chunks is None:
             return {"duration": synthesize_to_file(voice, item.text, wav), "words": None}
         audio, rate, words = synthesize_spans(voice, list(item.chunks))
-        sidecar = words_path(wav)
-        sidecar.parent.mkdir(parents=True, exist_ok=True)
-        tmp = sidecar.with_name(sidecar.name + ".part")
-        tmp.write_text(json.dumps(words) + "\n", encoding="utf-8")
-        os.replace(tmp, sidecar)
+        atomic_write(words_path(wav), json.dumps(words) + "\n")
         return {"duration": write_wav(wav, audio, rate), "words": words}  # the wav last: it marks done
     except Exception as err:  # name the item: a traceback from a worker process does not
         raise RuntimeError(f"{item.voice} failed on item {item.id} ({item.text!r}): {err}") from err

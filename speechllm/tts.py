@@ -20,7 +20,6 @@ import functools
 import importlib
 import importlib.util
 import math
-import os
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +30,8 @@ from typing import Any, ClassVar
 import numpy as np
 import soundfile as sf
 import torch
+
+from speechllm.io import atomic_open
 
 SAMPLE_RATE = 16000
 
@@ -480,13 +481,10 @@ def synthesize_to_file(
 
 
 def write_wav(path: str | Path, wav: np.ndarray, sample_rate: int) -> float:
-    """Write a 16-bit PCM mono wav atomically (to ``<path>.part``, then renamed); return its duration."""
+    """Write a 16-bit PCM mono wav atomically (``speechllm.io.atomic_open``); return its duration."""
     wav = np.clip(wav, -1.0, 1.0)  # PCM_16 would wrap, not clip, above 1
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    sf.write(tmp, wav, sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        sf.write(f, wav, sample_rate, subtype="PCM_16", format="WAV")
     return len(wav) / sample_rate
 
 

@@ -39,12 +39,13 @@ from pathlib import Path
 import jiwer
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from speechllm.encoders.base import pad_sequences
 from speechllm.encoders.ctc import CTCHead, CTCVocabulary
 from speechllm.encoders.whisper import WhisperSpeechEncoder
+from speechllm.io import atomic_write
 from speechllm.manifest import Utterance, load_audio, load_manifest
 from speechllm.metrics import corpus_errors, normalize
 
@@ -189,12 +190,10 @@ def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: st
     log.info("encoded %d clips of %s in %.0f s", len(items), manifest, time.perf_counter() - start)
     features = Features([u.id for u in items], torch.cat(states), torch.tensor([s.shape[0] for s in states]))
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"feats": features.feats, "lengths": features.lengths}, str(tmp),
-              metadata={"key": key, "ids": json.dumps(features.ids)})
-    tmp.chmod(0o644)  # safetensors writes owner-only files; the cache should read like any other
-    tmp.replace(path)  # atomic: a killed run never leaves a half cache
+    # A rebuildable cache: no fsync.
+    data = safetensors_bytes({"feats": features.feats, "lengths": features.lengths},
+                             metadata={"key": key, "ids": json.dumps(features.ids)})
+    atomic_write(path, data, fsync=False)
     return features
 
 

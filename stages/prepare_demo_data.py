@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from speechllm.io import atomic_write
 from speechllm.manifest import write_manifest
 from speechllm.synthesis import SynthesisItem, chunk_words, manifest_rows, synthesize_items
 from speechllm.tts import TTSUnavailableError, get_voice, normalize_text
@@ -206,14 +206,6 @@ def _resolve_voices(specs: Iterable[str], role: str) -> list[str]:
     if not found:
         raise RuntimeError(f"no {role} voice is available (tried {specs}); see the warnings above")
     return found
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write, then rename: readers (and resumed runs) never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _digest(*parts: str) -> str:
@@ -470,7 +462,7 @@ def prepare_demo_data(
     summary["synthesized"] = n_new
     summary["synthesis_clips_per_second"] = n_new / synth_seconds if n_new else None
     summary["seconds"] = time.perf_counter() - start
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

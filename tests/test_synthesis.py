@@ -72,7 +72,7 @@ def test_half_written_items_are_redone(tmp_path):
     items = make_items()[:2]
     a, b = (out / it.audio for it in items)
     a.parent.mkdir(parents=True)
-    sf.write(a.with_name("a.wav.part"), np.zeros(1600, np.float32), 16000, subtype="PCM_16", format="WAV")
+    sf.write(a.with_name(".a.wav.tmp"), np.zeros(1600, np.float32), 16000, subtype="PCM_16", format="WAV")
     sf.write(b, np.zeros(1600, np.float32), 16000, subtype="PCM_16")  # a wav without its sidecar
     new = []
     synthesize_items(items, out, workers=1, progress=False, on_item=lambda it: new.append(it.id))

@@ -49,7 +49,7 @@ def test_engine_synthesizes_16khz(spec, tmp_path):
     assert 1.0 < duration < 6.0
     wav, _ = sf.read(path, dtype="float32")
     assert np.abs(wav).max() > 0.05  # not silence
-    assert not list(tmp_path.glob("*.part"))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_awkward_text_is_passed_safely():
