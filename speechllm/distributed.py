@@ -28,12 +28,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     parts: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, obj)
     return parts
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank zero's ``obj`` on every rank."""
-    if not initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

@@ -18,16 +18,20 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from speechllm.config import GenerationConfig, ModelConfig, PromptConfig, check_model_paths
 from speechllm.encoders import build_encoder
 from speechllm.encoders.base import SpeechEncoder
+from speechllm.io import atomic_write
 from speechllm.llm import build_llm
 from speechllm.losses import lm_loss
 from speechllm.projector import Projector
 
+# model.json's "format": what from_pretrained knows how to read. Raise it when the export changes.
+MODEL_FORMAT = 1
 IGNORE_INDEX = -100
 SPEECH = -1  # a slot for the next speech vector in a token row
 _MARK = "\x00SPEECH\x00"
@@ -51,7 +55,6 @@ class PromptTemplate:
         prefix, suffix = text.split(_MARK)
         self.prefix_ids: list[int] = tokenizer(prefix, add_special_tokens=add_special).input_ids
         self.suffix_ids: list[int] = tokenizer(suffix, add_special_tokens=False).input_ids
-        self.text = text
 
 
 class SpeechLLM(nn.Module):
@@ -324,12 +327,15 @@ class SpeechLLM(nn.Module):
         return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Only the trained weights, plus the config that names the frozen parts (ids/paths)."""
+        """Only the trained weights, plus the config that names the frozen parts (ids/paths).
+
+        Each file appears whole (``atomic_write``, synced to disk); ``model.json``, written last, marks
+        a finished export.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state_dict(), str(directory / "trainable.safetensors"))
+        atomic_write(directory / "trainable.safetensors", safetensors_bytes(self.trainable_state_dict()))
         cfg = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
-        (directory / "model.json").write_text(json.dumps({"format": 1, "model": cfg}, indent=1))
+        atomic_write(directory / "model.json", json.dumps({"format": MODEL_FORMAT, "model": cfg}, indent=1))
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str = "") -> None:
         """Load trained weights; every saved tensor must match a parameter of this model."""
@@ -349,7 +355,12 @@ class SpeechLLM(nn.Module):
         meta_path = directory / "model.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory} is not an exported model (no model.json)")
-        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), json.loads(meta_path.read_text())["model"])
+        meta = json.loads(meta_path.read_text())
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        if fmt != MODEL_FORMAT or not isinstance(meta.get("model"), dict):
+            raise ValueError(f"{meta_path}: format {fmt!r} is not an exported model this version reads "
+                             f"(format {MODEL_FORMAT}, with a 'model' config)")
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
         if overrides is not None:
             cfg = OmegaConf.merge(cfg, overrides)
         model = cls.build(cfg)

@@ -1,14 +1,16 @@
 """The model core: splicing, label mask, loss, batched == one-by-one generation, saving."""
 
 import copy
+import json
 import math
+import re
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from speechllm.config import GenerationConfig
-from speechllm.model import IGNORE_INDEX, SpeechLLM
+from speechllm.model import IGNORE_INDEX, MODEL_FORMAT, SpeechLLM
 
 
 def encode(model, texts, seed=0):
@@ -103,6 +105,15 @@ def test_save_and_reload_trainable_only(tiny_model, tmp_path):
     torch.testing.assert_close(again(feats, lengths, m.target_ids(["x"]))["loss"], m(feats, lengths, m.target_ids(["x"]))["loss"])
     with torch.no_grad():
         m.projector.fc2.bias.sub_(0.5)
+
+
+@pytest.mark.parametrize("meta", [{"format": 99, "model": {}}, {"model": {}}, {"format": 1}, []])
+def test_reload_refuses_an_unknown_model_format_naming_the_file(tiny_model, tmp_path, meta):
+    tiny_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text())["format"] == MODEL_FORMAT
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'model.json'}: format")):
+        SpeechLLM.from_pretrained(tmp_path)
 
 
 def test_lora_trains_adapters_only_and_starts_as_the_base(tiny_model_cfg):
