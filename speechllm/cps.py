@@ -1,4 +1,4 @@
-"""CTC posterior simulation (CPS, TASU; PAPERS.md §2.2).
+"""CTC posterior simulation (CPS, TASU; docs/methods.md#cps).
 
 Text becomes a label-rate sequence of distributions over the CTC vocabulary that looks like
 LSD-compressed real posteriors: one row per CTC unit, no blanks and no repetitions unless the

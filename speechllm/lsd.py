@@ -1,4 +1,4 @@
-"""Label-synchronous decoding (LSD; ``psd`` in TASU's code, PAPERS.md §2.3).
+"""Label-synchronous decoding (LSD; ``psd`` in TASU's code, docs/methods.md#lsd).
 
 Compresses frame-level CTC posteriors to roughly one vector per emitted unit: each run of equal
 non-blank argmax frames becomes its mean, blank frames stay one vector each, and every vector

@@ -1,4 +1,4 @@
-"""Held-out measures of a speech LLM (PAPERS.md §3.2, §3.5, §5.5), computed without gradients.
+"""Held-out measures of a speech LLM (docs/methods.md#measures), computed without gradients.
 
 - Misalignment M: the *same* model with a text context vs with the speech context, ``KL(P(.|w) ||
   P(.|c))`` at the positions that predict text tokens.

@@ -2,7 +2,7 @@
 
 TASU's CPS feeds near-one-hot rows; real LSD-compressed posteriors are soft and carry the encoder's
 substitutions, deletions and insertions, and a projector trained only on the former reads the
-latter badly (ASSETS.md: text-side WER 0.61 vs speech-side 1.13). Here the encoder's behaviour is
+latter badly (docs/methods.md#matched-cps: text-side WER 0.61 vs speech-side 1.13). Here the encoder's behaviour is
 measured once on speech from the *training* voices: each LSD output is aligned to the reference
 units by edit distance, giving a confusion table P(observed unit | reference unit, or deleted),
 an insertion rate, and pools of real LSD vectors per observed unit. Simulation then replaces each

@@ -1,4 +1,4 @@
-"""Peak memory of the distillation loss, chunked vs unchunked (numbers for the issue note, never asserted).
+"""Peak memory of the distillation loss, chunked vs unchunked (numbers to read, never asserted).
 
 ``python -m stages.bench_memory [--vocab 49152 151936] [--positions 2048] [--hidden 256] [--chunk 1024]``:
 for each vocabulary size, a random tiny Llama student and a frozen teacher of the same shape run one
