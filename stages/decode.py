@@ -1,11 +1,16 @@
-"""Decode a speech manifest with an exported model: hypotheses as JSONL + corpus WER (S/D/I)."""
+"""Decode a speech manifest with an exported model: hypotheses as JSONL + corpus WER (S/D/I).
+
+``python -m stages decode --model runs/tiny/align/model --manifest data/tiny/speech/val.jsonl --out hyps.jsonl``
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from speechllm.config import GenerationConfig
@@ -38,3 +43,35 @@ def decode_manifest(model: SpeechLLM, manifest: str | Path, out_path: str | Path
 def load_for_decoding(model_dir: str | Path) -> SpeechLLM:
     model = SpeechLLM.from_pretrained(model_dir)
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a stage's model/ directory")
+    parser.add_argument("--manifest", required=True, help="speech manifest (JSONL) to transcribe")
+    parser.add_argument("--out", required=True, help="hypotheses JSONL (one row per clip, with its errors)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per generate call (default: %(default)s)")
+    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the model's config)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's config")
+    parser.add_argument("--no-repeat-ngram", type=int, default=None, metavar="N",
+                        help="repetition guard: no n-gram of N tokens twice (default: the model's config)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="default: the model's config")
+    parser.add_argument("--normalizer", default="whisper", choices=["whisper", "tasu", "none"],
+                        help="text normaliser applied to both sides before scoring (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=0, help="decode only the first N clips (0: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_for_decoding(args.model)
+    gen = GenerationConfig(**OmegaConf.to_container(model.cfg.generation))
+    gen.num_beams = args.beam or gen.num_beams
+    gen.max_new_tokens = args.max_new_tokens or gen.max_new_tokens
+    if args.no_repeat_ngram is not None:
+        gen.no_repeat_ngram_size = args.no_repeat_ngram
+    if args.repetition_penalty is not None:
+        gen.repetition_penalty = args.repetition_penalty
+    result = decode_manifest(model, args.manifest, args.out, batch_size=args.batch_size, gen=gen,
+                             normalizer=args.normalizer, limit=args.limit)
+    print(f"WER {result['wer']:.4f}  (S={result['substitutions']} D={result['deletions']} "
+          f"I={result['insertions']} N={result['ref_words']}, {result['utterances']} utterances, "
+          f"normaliser {result['normalizer']}) -> {args.out}")
+    return 0

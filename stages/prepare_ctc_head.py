@@ -13,7 +13,7 @@ text corpus plus those characters (``llm``: ~1500 tokens, ``hybrid``: a few hund
 always come from :meth:`CTCVocabulary.encode` (which normalises first), exactly what the text side
 can compute, never from the LLM tokenizer. Re-running with the same settings returns the saved report.
 
-    python -m stages.prepare_ctc_head --train data/demo/speech/train.jsonl --eval data/demo/speech/dev.jsonl \
+    python -m stages prepare ctc-head --train data/demo/speech/train.jsonl --eval data/demo/speech/dev.jsonl \
         --text data/demo/text/train.jsonl --out .cache/assets/ctc-head-whisper-tiny.en [--units llm|chars|hybrid]
 
 Default ``llm`` units: on the demo data (1,454 clips, 8 epochs, held-out voices) they gave the lowest
@@ -430,31 +430,29 @@ def prepare_ctc_head(
     return {**report, "reused": False}
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command-line options (pass a parser, e.g. a subcommand's, to add them to it)."""
-    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m stages prepare ctc-head``."""
     parser.add_argument("--train", required=True, type=Path, help="speech manifest to train on")
     parser.add_argument("--eval", required=True, type=Path, help="speech manifest to score on (held-out voices)")
     parser.add_argument("--out", required=True, type=Path, help="folder of the head and its report.json")
     parser.add_argument("--whisper", type=Path, help="Whisper checkpoint folder (default: the embedded tiny.en)")
-    parser.add_argument("--units", choices=UNIT_KINDS, default="llm")
+    parser.add_argument("--units", choices=UNIT_KINDS, default="llm",
+                        help="chars, or LLM tokens plus chars: llm (~1500) or hybrid (a few hundred) (default: %(default)s)")
     parser.add_argument("--text", type=Path, help="text corpus that picks llm/hybrid units (default: --train)")
     parser.add_argument("--llm", type=Path, help="LLM folder whose tokenizer gives the units (default: SmolLM2)")
     parser.add_argument("--max-units", type=int, help=f"subword units (default: {DEFAULT_MAX_UNITS})")
-    parser.add_argument("--kind", choices=["bilstm", "linear"], default="bilstm")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", choices=["bilstm", "linear"], default="bilstm", help="head (default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=256, help="BiLSTM hidden size (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=8, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     parser.add_argument("--no-augment", dest="augment", action="store_false", help="no SpecAugment")
     parser.add_argument("--cache-dir", type=Path, help="frozen-feature cache (default: <out>/../ctc-features)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     if args.whisper is None:
@@ -469,7 +467,4 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(json.dumps({k: report[k] for k in ("units", "vocab_size", "train_clips", "skipped", "train_seconds",
                                             "eval", "reused")}, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

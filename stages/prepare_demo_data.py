@@ -486,28 +486,36 @@ def print_summary(summary: dict) -> None:
     )
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command-line options (pass a parser, e.g. a subcommand's, to add them to it)."""
-    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="demo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--n-train", type=int)
-    parser.add_argument("--n-dev", type=int)
-    parser.add_argument("--n-test", type=int)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m stages prepare demo-data``."""
+    parser.add_argument("out_dir", type=Path, help="output folder (text/, speech/, docs/, mc/, summary.json)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="demo",
+                        help="clips per set (default: %(default)s); the --n-* options override it")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits and samples (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="synthesis processes (default: %(default)s)")
+    parser.add_argument("--n-train", type=int, help="training speech clips")
+    parser.add_argument("--n-dev", type=int, help="dev speech clips (held-out voices)")
+    parser.add_argument("--n-test", type=int, help="test speech clips (held-out voices)")
     parser.add_argument("--n-docs", type=int, nargs=3, metavar=("TRAIN", "DEV", "TEST"),
                         help="spoken documents per split")  # fmt: skip
     parser.add_argument("--n-mc", type=int, help="spoken multiple-choice questions")
-    parser.add_argument("--train-voices", nargs="+", default=list(TRAIN_VOICES), metavar="SPEC")
-    parser.add_argument("--heldout-voices", nargs="+", default=list(HELDOUT_VOICES), metavar="SPEC")
-    parser.add_argument("--fortunes-dir", type=Path, default=FORTUNES_DIR)
+    parser.add_argument("--train-voices", nargs="+", default=list(TRAIN_VOICES), metavar="SPEC",
+                        help="TTS voices of the training speech, ENGINE:VOICE (default: %(default)s)")
+    parser.add_argument("--heldout-voices", nargs="+", default=list(HELDOUT_VOICES), metavar="SPEC",
+                        help="TTS voices of dev/test speech, never heard in training (default: %(default)s)")
+    parser.add_argument("--fortunes-dir", type=Path, default=FORTUNES_DIR,
+                        help="Debian fortunes folder (default: %(default)s)")
     parser.add_argument("--topics", nargs="+", help="fortune topic files to use (default: all)")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stages.prepare_demo_data ...``, the same as ``python -m stages prepare demo-data ...``."""
+    from stages.__main__ import main as cli
+
+    return cli(argv, command=("prepare", "demo-data"))
+
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = prepare_demo_data(
         args.out_dir,
@@ -525,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
         topics=args.topics,
     )
     print_summary(summary)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,28 +8,31 @@ import hashlib
 import json
 from pathlib import Path
 
+from speechllm.config import ConfigError
 from speechllm.encoders import build_encoder
 from speechllm.manifest import load_audio, load_manifest
 from speechllm.posterior_stats import PosteriorStats, collect_posterior_stats
 from stages.runner import resolve_stage_configs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages prepare posterior-stats")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="the encoder comes from this pipeline's stage")
-    parser.add_argument("--stage", default="align")
-    parser.add_argument("--scale")
+    parser.add_argument("--stage", default="align", help="that stage (default: %(default)s)")
+    parser.add_argument("--scale", help="one of the pipeline's scales (default: its first)")
     parser.add_argument("--manifest", required=True, help="speech from TRAINING voices only")
-    parser.add_argument("--limit", type=int, default=600, help="clips to measure")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the stage config")
-    args = parser.parse_args(argv)
+    parser.add_argument("--limit", type=int, default=600, help="clips to measure (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the stage config")
 
+
+def run(args: argparse.Namespace) -> int:
     stages = resolve_stage_configs(args.pipeline, args.overrides, None, args.scale)
-    cfg = next(c for name, _, c in stages if name == args.stage)
+    cfg = next((c for name, _, c in stages if name == args.stage), None)
+    if cfg is None:
+        raise ConfigError(f"{args.pipeline}: no stage {args.stage!r} (have {[name for name, _, _ in stages]})")
     out = Path(cfg.model.encoder.cps.stats or "")
     if not cfg.model.encoder.cps.stats:
-        parser.error(f"{args.pipeline}: stage {args.stage!r} sets no model.encoder.cps.stats path")
+        raise ConfigError(f"{args.pipeline}: stage {args.stage!r} sets no model.encoder.cps.stats path")
     enc = cfg.model.encoder
     # Measured with this encoder (its CTC head's weights), this LSD threshold and this speech.
     head = Path(enc.ctc_head) / "head.safetensors" if enc.ctc_head else None
@@ -54,7 +57,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"posterior statistics of {len(items)} clips -> {out}: insertion rate {stats.insert_rate:.3f}, "
           f"mean P(correct unit) {kept.mean():.3f}, pools for {len(stats.pools)} units")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,6 +9,7 @@ text corpus and noise clips as "speech" (the tiny encoder is random anyway).
 
 from __future__ import annotations
 
+import argparse
 import random
 from pathlib import Path
 
@@ -59,11 +60,10 @@ def prepare_tiny_data(out_dir: str | Path, n_text: int = 200, n_speech: int = 8,
             "speech_train": str(out / "speech" / "train.jsonl"), "mc": str(out / "mc" / "test.jsonl")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stages prepare tiny")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (text/, speech/, mc/ manifests)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     print(prepare_tiny_data(args.out))
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from speechllm.config import ConfigError
 from speechllm.encoders import build_encoder
 from speechllm.encoders.ctc import CTCPosteriorEncoder
 from speechllm.forced_alignment import units_per_word, word_times
@@ -59,23 +60,30 @@ def _relocate_audio(row: dict[str, Any], utt: Utterance, out_dir: Path) -> None:
     row[key] = os.path.relpath(utt.audio.resolve(), out_dir.resolve())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages prepare word-times")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="the CTC encoder comes from this pipeline's stage")
-    parser.add_argument("--stage", default="align")
-    parser.add_argument("--scale")
+    parser.add_argument("--stage", default="align", help="that stage (default: %(default)s)")
+    parser.add_argument("--scale", help="one of the pipeline's scales (default: its first)")
     parser.add_argument("--manifest", required=True, type=Path, help="speech manifest to align")
     parser.add_argument("--out", required=True, type=Path, help="the manifest with `words` added")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the stage config")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the stage config")
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stages prepare word-times ...`` in-process."""
+    from stages.__main__ import main as cli
+
+    return cli(argv, command=("prepare", "word-times"))
+
+
+def run(args: argparse.Namespace) -> int:
     stages = resolve_stage_configs(args.pipeline, args.overrides, None, args.scale)
     cfg = next((c for name, _, c in stages if name == args.stage), None)
     if cfg is None:
-        parser.error(f"{args.pipeline}: no stage {args.stage!r} (have {[name for name, _, _ in stages]})")
+        raise ConfigError(f"{args.pipeline}: no stage {args.stage!r} (have {[name for name, _, _ in stages]})")
     if cfg.model.encoder.kind != "ctc":
-        parser.error(f"{args.pipeline}: stage {args.stage!r} has encoder.kind {cfg.model.encoder.kind!r}; "
-                     "forced alignment needs a ctc encoder")
+        raise ConfigError(f"{args.pipeline}: stage {args.stage!r} has encoder.kind {cfg.model.encoder.kind!r}; "
+                          "forced alignment needs a ctc encoder")
     cfg.model.encoder.cps.matched_share = 0.0  # the text side is not used: no posterior statistics needed
     encoder = build_encoder(cfg.model.encoder)
 
@@ -94,7 +102,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"word times for {len(items) - sum(skipped.values())} of {len(items)} clips -> {args.out} "
           f"(kept without words: {summary})")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
