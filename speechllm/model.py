@@ -23,7 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from speechllm.config import GenerationConfig, ModelConfig, PromptConfig, check_model_paths
-from speechllm.encoders import build_encoder
+from speechllm.encoders import build_encoder, encoder_kind, kinds_with
 from speechllm.encoders.base import SpeechEncoder
 from speechllm.io import atomic_write
 from speechllm.llm import build_llm
@@ -91,9 +91,10 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def unit_embeddings(self) -> torch.Tensor:
         """Mean LLM input embedding of each CTC unit's string (zeros for the blank / empty units)."""
-        vocab = getattr(self.encoder, "vocab", None)
-        if vocab is None:
-            raise ValueError("projector.init_from_llm_embeddings / unit_lookup need a CTC encoder (its units have strings)")
+        if not encoder_kind(self.cfg.encoder.kind).is_ctc:
+            raise ValueError(f"projector.init_from_llm_embeddings / unit_lookup need a CTC encoder (encoder.kind "
+                             f"{' | '.join(kinds_with('is_ctc'))}: its units have strings), not {self.cfg.encoder.kind!r}")
+        vocab = self.encoder.vocab
         table = self.llm.get_input_embeddings().weight
         rows = torch.zeros(len(vocab), table.shape[1])
         for i in range(len(vocab)):

@@ -131,6 +131,15 @@ def test_lora_trains_adapters_only_and_starts_as_the_base(tiny_model_cfg):
                                base(feats, lengths, base.target_ids(["the dog"]))["loss"])
 
 
+@pytest.mark.parametrize("option", ["init_from_llm_embeddings", "unit_lookup"])
+def test_unit_embeddings_need_a_ctc_encoder(tiny_model_cfg, option):
+    whisper = {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64}
+    cfg = OmegaConf.merge(tiny_model_cfg, {"encoder": {"kind": "whisper", "from_config": whisper, "vocab": None},
+                                           "projector": {option: True}})
+    with pytest.raises(ValueError, match=r"need a CTC encoder \(encoder.kind ctc: .*not 'whisper'"):
+        SpeechLLM.build(cfg)
+
+
 def test_projector_initialised_from_llm_embeddings_reproduces_them(tiny_model_cfg):
     cfg = tiny_model_cfg
     cfg.projector.init_from_llm_embeddings = True

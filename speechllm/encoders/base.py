@@ -54,7 +54,7 @@ def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 class SpeechEncoder(nn.Module):
-    """Frozen speech encoder.
+    """Frozen speech encoder (no gradients, always in eval mode).
 
     ``encode_speech`` takes a list of 1-D float waveforms sampled at ``sample_rate`` and returns
     ``(features, lengths)``: ``features`` is (B, T_max, output_dim), zero beyond each length.
@@ -62,6 +62,10 @@ class SpeechEncoder(nn.Module):
 
     sample_rate: int = 16000
     output_dim: int
+
+    def train(self, mode: bool = True) -> SpeechEncoder:
+        # Frozen: dropout and layerdrop stay off even when the surrounding module trains.
+        return super().train(False)
 
     def encode_speech(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

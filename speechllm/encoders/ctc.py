@@ -187,9 +187,6 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> CTCPosteriorEncoder:
-        return super().train(False)  # frozen: dropout stays off whatever the trainer does
-
     @torch.no_grad()
     def posteriors(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame-level CTC posteriors (B, T, V) and their lengths."""

@@ -97,10 +97,6 @@ class DualTowerEncoder(UnifiedEncoder):
         # The extractor is pure numpy (80 Kaldi fbanks, stacked in pairs): nothing to download.
         return cls(text_encoder, speech_encoder, tokenizer, SeamlessM4TFeatureExtractor())
 
-    def train(self, mode: bool = True) -> DualTowerEncoder:
-        # Frozen: dropout and layerdrop must stay off even when the surrounding module trains.
-        return super().train(False)
-
     @torch.no_grad()
     def encode_text(
         self, texts: list[str], generators: list[torch.Generator] | None = None, cps=None

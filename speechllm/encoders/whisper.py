@@ -18,6 +18,7 @@ from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from speechllm.config import EncoderConfig, plain
 from speechllm.encoders.base import SpeechEncoder, lengths_to_mask, load_tower, pad_sequences
 
 
@@ -54,10 +55,6 @@ class WhisperSpeechEncoder(SpeechEncoder):
             torch.manual_seed(seed)
             encoder = WhisperEncoder(config)
         return cls(encoder, WhisperFeatureExtractor(feature_size=config.num_mel_bins))
-
-    def train(self, mode: bool = True) -> WhisperSpeechEncoder:
-        # Frozen: dropout and layerdrop must stay off even when the surrounding module trains.
-        return super().train(False)
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         """One clip's (n_mels, n_samples // hop) log-mel, computed at its own length.
@@ -117,3 +114,12 @@ class WhisperSpeechEncoder(SpeechEncoder):
             x = layer(x, attention_mask)
         x = enc.layer_norm(x)
         return x.masked_fill(~valid[..., None], 0.0), lengths
+
+
+def build_whisper_encoder(cfg: EncoderConfig) -> WhisperSpeechEncoder:
+    """From a Whisper checkpoint (its encoder only), or random weights from ``from_config`` (tests)."""
+    if cfg.from_config is not None:
+        return WhisperSpeechEncoder.from_config(plain(cfg.from_config), seed=cfg.init_seed)
+    if not cfg.pretrained:
+        raise ValueError("encoder: set `pretrained` (Hub id or path) or `from_config`")
+    return WhisperSpeechEncoder.from_pretrained(cfg.pretrained)

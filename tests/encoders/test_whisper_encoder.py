@@ -1,4 +1,5 @@
-"""WhisperSpeechEncoder on a tiny random Whisper: real-length, batch-invariant, faithful to HF."""
+"""WhisperSpeechEncoder on a tiny random Whisper: real-length and faithful to HF (the contract every
+encoder passes, batch invariance included, is tests/encoders/test_contract.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from speechllm.config import EncoderConfig
-from speechllm.encoders import build_encoder
 from speechllm.encoders.whisper import WhisperSpeechEncoder
 
 SR = 16000
@@ -27,25 +26,11 @@ def encoder() -> WhisperSpeechEncoder:
     return tiny_encoder()
 
 
-def test_shapes_lengths_and_zero_padding(encoder):
+def test_lengths_follow_the_conv_strides(encoder):
     clips = [clip(16000, 0), clip(5920, 1), clip(36800, 2)]  # 100, 37 and 230 mel frames
     feats, lengths = encoder.encode_speech(clips)
     assert lengths.tolist() == [50, 19, 115]  # conv2 has stride 2: ceil(frames / 2)
-    assert feats.shape == (3, 115, 32) and encoder.output_dim == 32
-    for row, n in zip(feats, lengths):
-        assert row[:n].abs().sum(-1).gt(0).all() and row[n:].eq(0).all()
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_batched_equals_one_by_one(attn):
-    encoder = tiny_encoder(attn)
-    # Lengths with both parities, so conv2's last window straddles the end of some clips.
-    clips = [clip(n, i) for i, n in enumerate([16000, 5920, 36800, 3361])]
-    feats, lengths = encoder.encode_speech(clips)
-    for i, c in enumerate(clips):
-        alone, n = encoder.encode_speech([c])
-        assert n.item() == lengths[i].item()
-        torch.testing.assert_close(feats[i, : lengths[i]], alone[0], atol=1e-5, rtol=1e-5)
+    assert feats.shape == (3, 115, 32)
 
 
 def test_30_seconds_matches_stock_forward(encoder):
@@ -69,19 +54,6 @@ def test_too_long_or_too_short_clip_raises(encoder):
         encoder.encode_speech([clip(200, 0)])
 
 
-def test_frozen_and_stays_in_eval(encoder):
-    assert not any(p.requires_grad for p in encoder.parameters())
-    encoder.train()
-    assert not any(m.training for m in encoder.modules())
-
-
-def test_from_config_is_deterministic():
-    a, b, c = tiny_encoder(seed=1), tiny_encoder(seed=1), tiny_encoder(seed=2)
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(pa, pb), name
-    assert not torch.equal(a.encoder.conv1.weight, c.encoder.conv1.weight)
-
-
 def test_from_pretrained_loads_only_the_encoder(tmp_path, encoder):
     config = WhisperConfig(**TINY, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, max_target_positions=16)
     model = WhisperForConditionalGeneration(config)
@@ -96,18 +68,9 @@ def test_from_pretrained_loads_only_the_encoder(tmp_path, encoder):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
-def test_build_encoder_from_config():
-    cfg = EncoderConfig(kind="whisper", from_config=TINY, init_seed=4)
-    built = build_encoder(cfg)
-    assert isinstance(built, WhisperSpeechEncoder)
-    assert torch.equal(built.encoder.conv1.weight, tiny_encoder(seed=4).encoder.conv1.weight)
-
-
 def test_log_mel_is_float32_under_a_bf16_autocast(encoder):
     """Lightning's bf16-mixed wraps the whole step in an autocast; the log-mel must not come out bf16."""
     wave = clip(8000, 3)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         mel = encoder.log_mel(wave)
-        feats, _ = encoder.encode_speech([wave])
     assert mel.dtype == torch.float32 and torch.equal(mel, encoder.log_mel(wave))
-    assert torch.isfinite(feats).all()
