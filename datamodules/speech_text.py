@@ -26,11 +26,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.sampling import BucketingStream, FixedSizeStream, MixtureBatchSampler
-from speechllm.config import SourceConfig, StageConfig
+from speechllm.config import SourceConfig, SourceKind, StageConfig
 from speechllm.manifest import Utterance, load_audio, load_manifest, normalize_target
 from speechllm.schedules import ramp
-
-SOURCE_KINDS = ("speech", "simulated", "text")
 
 
 def check_audio(items: list[Utterance], sample_rate: int, max_seconds: float) -> tuple[list[Utterance], Counter]:
@@ -103,7 +101,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 class SpeechTextDataModule(L.LightningDataModule):
     """Training sources of a stage (``data.sources``, or ``data.train`` alone of ``default_kind``)."""
 
-    def __init__(self, cfg: StageConfig, default_kind: str = "simulated", tokenizer=None):
+    def __init__(self, cfg: StageConfig, default_kind: SourceKind = SourceKind.simulated, tokenizer=None):
         super().__init__()
         self.cfg, self.default_kind, self.tokenizer = cfg, default_kind, tokenizer
         # Evaluation sets in dataloader order: (what is measured, set name). `wer`: transcribe and score;
@@ -132,8 +130,6 @@ class SpeechTextDataModule(L.LightningDataModule):
         if not sources:
             raise ValueError("data.sources: every source has share 0")
         for name, src in sources.items():
-            if src.kind not in SOURCE_KINDS:
-                raise ValueError(f"data.sources.{name}.kind: {src.kind!r} is not one of {SOURCE_KINDS}")
             src.manifest = self.manifest_overrides.get(name, src.manifest)
         return sources
 

@@ -10,19 +10,11 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import SpeechLLMModule
-from speechllm.encoders.base import UnifiedEncoder
+from speechllm.config import SourceKind
 
 
 class AlignModule(SpeechLLMModule):
-    source_kinds = ("simulated",)
-
-    def __init__(self, cfg, stage_dir=None):
-        super().__init__(cfg, stage_dir)
-        if not isinstance(self.model.encoder, UnifiedEncoder):
-            raise ValueError(
-                f"stage `align` trains from text, so it needs a unified encoder (encoder.kind ctc or "
-                f"dual_tower); encoder.kind={cfg.model.encoder.kind!r} has no text side"
-            )
+    source_kinds = (SourceKind.simulated,)  # so the encoder needs a text side (checked by the runner)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         feats, lengths = self.model.encoder.encode_text(batch["text"], self.sample_generators(batch))

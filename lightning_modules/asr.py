@@ -15,20 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_modules.base import SpeechLLMModule
-from speechllm.config import CPSConfig
-from speechllm.encoders.base import UnifiedEncoder
+from speechllm.config import CPSConfig, SourceKind
 from speechllm.schedules import ramp
 
 
 class CurriculumASRModule(SpeechLLMModule):
-    source_kinds = ("speech", "simulated")
-
-    def __init__(self, cfg, stage_dir=None):
-        super().__init__(cfg, stage_dir)
-        uses_simulation = any(s.kind == "simulated" for s in cfg.data.sources.values())
-        if uses_simulation and not isinstance(self.model.encoder, UnifiedEncoder):
-            raise ValueError(f"a `simulated` source needs an encoder with a text side (ctc or dual_tower), "
-                             f"not encoder.kind={cfg.model.encoder.kind!r}")
+    source_kinds = (SourceKind.speech, SourceKind.simulated)
 
     def simulation_rates(self, step: int) -> CPSConfig:
         """The encoder's CPS rates with every ramp of ``data.difficulty`` applied at ``step``."""

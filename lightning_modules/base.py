@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from lightning_modules.evaluation import EvaluationMixin
-from speechllm.config import OptimConfig, StageConfig
+from speechllm.config import OptimConfig, SourceKind, StageConfig
 from speechllm.model import SpeechLLM
 
 
@@ -47,6 +47,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class SpeechLLMModule(EvaluationMixin):
+    """The base of every stage kind. A kind declares what it needs here, read by the runner's
+    validation pass before anything is built (see ``lightning_modules.STAGE_KINDS``)."""
+
+    #: The source kinds the stage trains on; the first is how ``data.train`` alone is read.
+    source_kinds: tuple[SourceKind, ...] = ()
+    #: Stage-specific config sections it reads, besides model, data, measures, optim and trainer.
+    config_sections: tuple[str, ...] = ()
+
+    @classmethod
+    def config_errors(cls, cfg: StageConfig) -> list[tuple[str, str]]:
+        """``(key, problem)`` for each rule of this kind that ``cfg`` breaks (none by default)."""
+        return []
+
     def __init__(self, cfg: StageConfig, stage_dir: str | Path | None = None):
         super().__init__()
         self.cfg = cfg

@@ -1,10 +1,10 @@
-"""Stage 3, ``distill``: cross-modal distillation (SALAD stage I, PAPERS.md §3.2).
+"""Stage 3, ``distill``: cross-modal distillation (SALAD stage I, docs/methods.md#distillation).
 
 The student hears speech; the teacher, the original text LLM, reads the same words as text. At every
 position that predicts a text token the loss is ``alpha * KL(teacher || student) + (1 - alpha) *
 NLL`` (direction, temperature and T^2 configurable; SALAD: alpha 1, forward, T 1). The teacher is
 the same weights with LoRA switched off, or a frozen copy of the original LLM when the LLM itself
-is trained (never the adapted model: Ultravox's known bug, ANCHORS.md §2.1).
+is trained (never the adapted model, which would move with the student: docs/methods.md#distillation).
 
 Inputs (``distill.format``): ``interleaved`` (SALAD: text spans of 10-30 words alternate with speech
 spans of 5-15 words, cut at the manifest's word/chunk times) or ``instruction`` (speech in the
@@ -17,26 +17,27 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import SpeechLLMModule
+from speechllm.config import SourceKind
 from speechllm.losses import lm_loss
 from speechllm.sequences import Views, speech_and_text_views, text_views
 
 
 class DistillModule(SpeechLLMModule):
-    source_kinds = ("speech", "text")
+    source_kinds = (SourceKind.speech, SourceKind.text)
+    config_sections = ("distill",)
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[tuple[str, str]]:
+        lora = cfg.model.llm.lora
+        if lora.enabled and any("lm_head" in m for m in lora.target_modules):
+            return [("model.llm.lora.target_modules", "distillation needs the original LM head for the teacher: "
+                     "keep lm_head out of it")]
+        return []
 
     def __init__(self, cfg, stage_dir=None):
         super().__init__(cfg, stage_dir)
-        llm = cfg.model.llm
-        if llm.lora.enabled and any("lm_head" in m for m in llm.lora.target_modules):
-            raise ValueError("distillation needs the original LM head for the teacher: keep lm_head out of "
-                             "model.llm.lora.target_modules")
-        if not llm.freeze and not llm.lora.enabled:
+        if not cfg.model.llm.freeze and not cfg.model.llm.lora.enabled:
             self.model.attach_frozen_teacher()  # full fine-tuning (SALAD): the teacher is a frozen copy
-        elif llm.freeze and not llm.lora.enabled and any(s.kind == "text" for s in cfg.data.sources.values()):
-            raise ValueError("a `text` source trains the LLM to stay close to the original; with a frozen LLM "
-                             "(no LoRA, llm.freeze) it has nothing to train: drop it or enable LoRA")
-        if cfg.distill.format not in ("interleaved", "instruction"):
-            raise ValueError(f"distill.format must be interleaved or instruction, not {cfg.distill.format!r}")
 
     def views(self, batch: dict) -> Views:
         if batch["kind"] == "text":

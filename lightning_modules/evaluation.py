@@ -26,10 +26,10 @@ def gather_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"])
 
 
-def summarise(kind: str, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The metrics of one evaluation set from its per-item rows."""
+def summarise(kind: str, rows: list[dict[str, Any]], normalizer: str = "whisper") -> dict[str, float]:
+    """The metrics of one evaluation set from its per-item rows (WER after ``normalizer``)."""
     if kind == "wer":
-        total, _ = corpus_errors([r["ref"] for r in rows], [r["hyp"] for r in rows], "whisper")
+        total, _ = corpus_errors([r["ref"] for r in rows], [r["hyp"] for r in rows], normalizer)
         return {"wer": total.wer, "substitutions": total.substitutions, "deletions": total.deletions,
                 "insertions": total.insertions, "ref_words": total.ref_words}
     if kind == "measure":
@@ -91,7 +91,7 @@ class EvaluationMixin(L.LightningModule):
         datamodule = self.trainer.datamodule
         for idx, (kind, name) in enumerate(datamodule.eval_index(split) if datamodule else []):
             rows = gather_items(self._eval_outputs.get(idx, []))
-            for key, value in summarise(kind, rows).items():
+            for key, value in summarise(kind, rows, self.cfg.data.wer_normalizer).items():
                 # Every rank holds the same gathered numbers: no further reduction.
                 self.log(f"{split}/{name}/{key}", float(value), add_dataloader_idx=False, sync_dist=False)
             if kind == "wer" and self.global_rank == 0 and rows:

@@ -15,13 +15,23 @@ from speechllm.active_selection import run_selection, seconds_of
 
 
 class SelectModule(DistillModule):
+    config_sections = ("distill", "selection")
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[tuple[str, str]]:
+        sel, sources = cfg.selection, list(cfg.data.sources)
+        errors = super().config_errors(cfg)
+        if sel.source not in sources:
+            errors.append(("selection.source", f"{sel.source!r} is not one of data.sources {sources}"))
+        if not sel.pool:
+            errors.append(("selection.pool", "the text pool to select from is not set"))
+        if sel.budget_unit == "fraction" and sel.natural not in sources:
+            errors.append(("selection.natural", f"a fraction budget needs the natural source {sel.natural!r} "
+                           f"in data.sources {sources}"))
+        return errors
+
     def __init__(self, cfg, stage_dir=None):
         super().__init__(cfg, stage_dir)
-        sel = cfg.selection
-        if sel.source not in cfg.data.sources:
-            raise ValueError(f"selection.source {sel.source!r} is not one of data.sources {list(cfg.data.sources)}")
-        if not sel.pool:
-            raise ValueError("selection.pool: the text pool to select from is not set")
         self.selection_report: dict | None = None
 
     def on_fit_start(self) -> None:
@@ -36,8 +46,6 @@ class SelectModule(DistillModule):
 
             natural_texts = {" ".join(u.text.split()) for u in load_manifest(natural.manifest)}
             seconds = seconds_of(natural.manifest) if sel.budget_unit == "fraction" else 0.0
-        elif sel.budget_unit == "fraction":
-            raise ValueError(f"selection.budget_unit fraction needs the natural source {sel.natural!r} in data.sources")
         was_training = self.model.training
         self.model.eval()
         self.selection_report = run_selection(self.model, self.cfg, self.stage_dir / "selection",

@@ -117,7 +117,7 @@ class EncoderConfig:
     init_seed: int = setting(0, "makes from_config weights identical in every process and on reload")
     backbone: Optional[Backbone] = setting(None, "ctc: the encoder under a separately trained CTC head")
     ctc_head: Optional[str] = setting(None, "ctc: path of a CTC head saved by `prepare ctc-head`")
-    vocab: Optional[list[str]] = setting(None, "ctc: CTC vocabulary of a from_config model (index 0 = blank)")
+    vocab: Optional[list[str]] = setting(None, "vocabulary of a from_config model (CTC: index 0 = blank)")
     blank_id: Optional[int] = setting(None, "ctc: blank index (default: the model's pad_token_id)")
     lsd: bool = setting(True, "ctc: label-synchronous compression of the posteriors")
     lsd_blank_threshold: float = setting(0.9, "ctc: LSD drops vectors whose blank probability is at least this")
@@ -421,6 +421,18 @@ def schema_field(key: str, schema: type | None = None):
     return found
 
 
+NO_DEFAULT = object()
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default of a leaf key (entries of dict fields included), or a marker if it has none."""
+    f = schema_field(key)
+    if f is None:
+        return NO_DEFAULT
+    value = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else NO_DEFAULT)
+    return value.value if isinstance(value, Choice) else value
+
+
 def field_help(key: str, schema: type | None = None) -> str:
     f = schema_field(key, schema)
     return f.metadata.get("help", "") if f is not None else ""
@@ -542,6 +554,17 @@ def stage_layers(pipeline_path: str | Path, pipeline: PipelineConfig, stage_name
         layers.append((f"{pipeline_path} (scales.{scale}.defaults)", block.get("defaults") or {}))
         layers.append((f"{pipeline_path} (scales.{scale}.stages.{stage_name})", (block.get("stages") or {}).get(stage_name) or {}))
     return layers
+
+
+def key_origin(key: str, layers: list[tuple[str, Any]], overrides: list[str] | None = None) -> str:
+    """Where a stage's value of ``key`` came from: the last layer (or the command line) that sets it."""
+    candidates = [("command-line override", parse_overrides(overrides))] if overrides else []
+    for source, layer in reversed(layers):
+        candidates.append((source, load_yaml(layer) if isinstance(layer, (str, Path)) else OmegaConf.create(layer or {})))
+    for source, data in candidates:
+        if OmegaConf.select(data, key, default=None) is not None:
+            return source
+    return "the schema default"
 
 
 def check_model_paths(cfg: ModelConfig) -> None:

@@ -33,9 +33,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from stages.runner import run_pipeline
 
-    # TODO(lead): force=args.force once run_pipeline takes it; until then passed only when given
-    force = {"force": True} if args.force else {}
-    results = run_pipeline(args.pipeline, args.overrides, args.only, args.redo, args.run_dir, args.scale, **force)
+    results = run_pipeline(args.pipeline, args.overrides, args.only, args.redo, args.run_dir, args.scale, force=args.force)
     print(json.dumps(results, indent=1))
     return 0
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.runner import loss_curve, scalar_series
+from stages.tensorboard import loss_curve, scalar_series
 
 LEVERS: dict[str, list[str]] = {
     # precision auto: bf16-mixed on a CPU with bf16 instructions, float32 elsewhere; both are measured.
@@ -53,7 +53,8 @@ def run_variants(pipeline: str, stage: str, variants: dict[str, list[str]], step
         if only and not any(o in name for o in only):
             continue
         run_dir = out / f"{stage}{i}"
-        cmd = [sys.executable, "-m", "stages", "run", pipeline, "--only", stage, "--run-dir", str(run_dir), "--redo",
+        # A bench variant is a throwaway: an earlier bench's finished run of it is moved aside.
+        cmd = [sys.executable, "-m", "stages", "run", pipeline, "--only", stage, "--run-dir", str(run_dir), "--redo", "--force",
                *common, *overrides]
         print(f"[bench] {stage}: {name}: {' '.join(overrides) or '(defaults)'}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -84,14 +85,19 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('train_loss_first', float('nan')):>7.3f} {r.get('train_loss_last10_mean', float('nan')):>8.3f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages bench")
-    parser.add_argument("what", choices=["levers", "distill", "memory", "all"])
-    parser.add_argument("--pipeline", default="configs/pipeline/demo.yaml")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=["levers", "distill", "memory", "all"],
+                        help="levers: stage-1 levers; distill: distillation vs NLL step time; "
+                             "memory: chunked vs unchunked loss; all: the three")
+    parser.add_argument("--pipeline", default="configs/pipeline/demo.yaml",
+                        help="pipeline whose stages are measured (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per variant (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"),
+                        help="folder of the runs and *.json results (default: %(default)s)")
     parser.add_argument("--only", nargs="*", help="substrings of variant names to run")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what in ("levers", "all"):
         rows = run_variants(args.pipeline, "align", LEVERS, args.steps, args.out, [], args.only)
@@ -110,7 +116,3 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_memory.main(["--out", str(args.out / "distill_memory.json")])
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 
 from stages.prepare_tiny_data import prepare_tiny_data
-from stages.runner import scalar_series
+from stages.tensorboard import scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -377,18 +377,16 @@ def format_table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages faults")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="*", help="substrings of fault names to run")
-    parser.add_argument("--out", type=Path, default=Path("runs/faults/faults.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path("runs/faults/faults.json"),
+                        help="the outcomes as JSON; scenarios run in a temporary folder (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
     outcomes = run_faults(args.only, args.out)
     print(format_table(outcomes))
     failed = [o.fault for o in outcomes if not o.ok]
     if failed:
         print(f"\nfaults not handled as required: {failed}", file=sys.stderr)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

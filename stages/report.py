@@ -155,7 +155,7 @@ def _final(report: dict, stage: str, metric: str) -> float | None:
 
 
 def comparisons(report: dict) -> list[str]:
-    """The tables of the issues' comparisons, for the stages that ran."""
+    """The tables of the comparison runs, for the stages that ran."""
     out = []
     stages = report["stages"]
     if {"asr", "asr_scratch"} <= set(stages):
@@ -174,16 +174,12 @@ def comparisons(report: dict) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages report")
-    parser.add_argument("pipeline")
-    parser.add_argument("--run-dir")
-    parser.add_argument("--scale")
-    args = parser.parse_args(argv)
-    report = build_report(args.pipeline, args.run_dir, args.scale)
-    print(format_report(report))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="pipeline YAML whose run is reported, e.g. configs/pipeline/demo.yaml")
+    parser.add_argument("--run-dir", help="root of the run directories (default: the pipeline's run_dir)")
+    parser.add_argument("--scale", help="one of the pipeline's scales (default: its first)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(format_report(build_report(args.pipeline, args.run_dir, args.scale)))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from stages.runner import scalar_series
+from stages.tensorboard import scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 60

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.runner import scalar_series
+from stages.tensorboard import scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
-"""Runner helpers that need no training run."""
+"""Trainer settings that need no training run: precision from the CPU flags."""
 
 import torch
 
-from stages.runner import cpu_has_native_bf16, resolve_precision
+from stages.trainer import cpu_has_native_bf16, resolve_precision
 
 # Abridged /proc/cpuinfo "flags" lines of three real CPU generations.
 SKYLAKE = "flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512dq avx512cd avx512bw avx512vl\n"

@@ -1,0 +1,103 @@
+"""One validation pass over a resolved stage config, before any model is built or data read.
+
+The schema already rejects unknown keys, wrong types and misspelled choices at merge time. This pass
+checks what one field cannot: names looked up in the registries (stage kinds, encoder kinds) and the
+rules between fields. Each problem names the key, the file or override it came from, and what is
+allowed; all of a stage's problems are reported at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from speechllm.config import ConfigError, StageConfig, field_help, key_origin, schema_default
+
+# Values Lightning accepts (trainer.precision and trainer.accelerator are plain strings: Lightning's own
+# names, some of which are not valid enum member names).
+PRECISIONS = ("auto", "64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
+    """``(key, problem)`` for every rule ``cfg`` breaks."""
+    from lightning_modules import STAGE_KINDS
+    from speechllm.encoders import ENCODER_KINDS, kinds_with
+
+    problems: list[tuple[str, str]] = []
+    if cfg.kind not in STAGE_KINDS:
+        return [("kind", f"{cfg.kind!r} is not a stage kind (have: {', '.join(sorted(STAGE_KINDS))})")]
+    stage = STAGE_KINDS[cfg.kind]
+    model, data, llm = cfg.model, cfg.data, cfg.model.llm
+    enc = model.encoder
+    encoder = ENCODER_KINDS.get(enc.kind)
+    if encoder is None:
+        problems.append(("model.encoder.kind", f"{enc.kind!r} is not an encoder kind (have: {', '.join(sorted(ENCODER_KINDS))})"))
+    else:
+        for name in _ENCODER_SPECIFIC:
+            key = f"model.encoder.{name}"
+            if name not in encoder.fields and _set(enc[name]) != schema_default(key):
+                readers = [k for k, v in ENCODER_KINDS.items() if name in v.fields]
+                problems.append((key, f"is read only by encoder kinds {readers}, not by {enc.kind!r}"))
+        for name in ("unit_lookup", "init_from_llm_embeddings"):
+            if model.projector[name] and not encoder.is_ctc:
+                problems.append((f"model.projector.{name}", f"needs a CTC encoder ({kinds_with('is_ctc')}: its units), "
+                                 f"not encoder.kind {enc.kind!r}"))
+
+    if not data.sources and not data.train:
+        problems.append(("data", "set `train` (a manifest) or `sources` (named manifests with shares)"))
+    kinds = {f"data.sources.{n}.kind": src.kind for n, src in data.sources.items()} or (
+        {"data.train": stage.source_kinds[0]} if data.train else {})
+    for key, kind in kinds.items():
+        if kind not in stage.source_kinds:
+            problems.append((key, f"stage kind {cfg.kind!r} trains on {[str(k) for k in stage.source_kinds]}, not {str(kind)!r}"))
+        elif kind == "simulated" and encoder is not None and not encoder.has_text_side:
+            problems.append((key, f"simulated input needs an encoder with a text side ({kinds_with('has_text_side')}), "
+                             f"not {enc.kind!r}"))
+        elif kind == "text" and llm.freeze and not llm.lora.enabled:
+            problems.append((key, "a text source trains the LLM to stay close to the original; with a frozen LLM "
+                             "(model.llm.freeze, no LoRA) it has nothing to train: drop it or enable LoRA"))
+
+    if enc.cps.matched_share > 0 and not enc.cps.stats:
+        problems.append(("model.encoder.cps.stats", "matched_share > 0 needs the posterior statistics file "
+                         "(`python -m stages prepare posterior-stats`)"))
+    if llm.load_in_4bit and llm.load_in_8bit:
+        problems.append(("model.llm.load_in_8bit", "choose one of load_in_4bit and load_in_8bit"))
+    if not 0.0 <= cfg.distill.alpha <= 1.0:
+        problems.append(("distill.alpha", f"must lie in [0, 1], got {cfg.distill.alpha}"))
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        problems.append(("trainer.precision", f"{cfg.trainer.precision!r} is not one of {', '.join(PRECISIONS)}"))
+    if cfg.trainer.accelerator not in ACCELERATORS:
+        problems.append(("trainer.accelerator", f"{cfg.trainer.accelerator!r} is not one of {', '.join(ACCELERATORS)}"))
+    strategies = _strategies()
+    if cfg.trainer.strategy not in strategies:
+        problems.append(("trainer.strategy", f"{cfg.trainer.strategy!r} is not one of auto, ddp, fsdp or Lightning's "
+                         f"({', '.join(sorted(strategies - {'auto', 'ddp', 'fsdp'}))})"))
+    return problems + stage.config_errors(cfg)
+
+
+# EncoderConfig fields that only some encoder kinds read (each kind lists the ones it reads).
+_ENCODER_SPECIFIC = ("backbone", "ctc_head", "vocab", "blank_id", "lsd", "lsd_blank_threshold")
+
+
+def _set(value: Any) -> Any:
+    from omegaconf import ListConfig
+
+    return list(value) if isinstance(value, ListConfig) else value
+
+
+def _strategies() -> set[str]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return {"auto", "ddp", "fsdp", *StrategyRegistry.available_strategies()}
+
+
+def validate_stage(name: str, cfg: StageConfig, layers: list[tuple[str, Any]], overrides: list[str] | None = None) -> None:
+    """Raise one ConfigError listing every problem of stage ``name``, each with where its key was set."""
+    problems = stage_problems(cfg)
+    if problems:
+        lines = []
+        for key, problem in problems:
+            help_text = field_help(key)
+            lines.append(f"  {key} ({key_origin(key, layers, overrides)}): {problem}" + (f" [{key}: {help_text}]" if help_text else ""))
+        raise ConfigError(f"stage {name!r}: invalid config\n" + "\n".join(lines))
