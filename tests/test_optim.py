@@ -37,11 +37,26 @@ def test_param_groups_and_adamw8bit(tiny_model_cfg):
     assert type(opt).__name__ == "AdamW8bit"
     lrs = {g["name"]: g["initial_lr"] for g in opt.param_groups}  # "lr" already has the warm-up factor
     assert lrs == {"projector": 1e-3, "llm": 1e-4}
+    big, small = module.model.projector.fc2.weight, module.model.projector.fc1.weight
+    # bitsandbytes keeps 32-bit state for parameters under 4,096 elements: step one above that.
+    assert big.numel() >= 4096 > small.numel()
     feats, lengths = module.model.encoder.encode_text(["the cat"])
-    before = module.model.projector.fc1.weight.detach().clone()
+    before = big.detach().clone()
     module.model(feats, lengths, module.model.target_ids(["the cat"]))["loss"].backward()
     opt.step()
-    assert not torch.equal(before, module.model.projector.fc1.weight)
+    assert not torch.equal(before, big)
+    state = opt.state[big]
+    assert state["state1"].dtype == state["state2"].dtype == torch.uint8  # the moments are 8-bit
+    assert opt.state[small]["state1"].dtype == torch.float32  # below the threshold: 32-bit
+    # ... and they hold AdamW's moments after one step, (1 - beta1) g and (1 - beta2) g^2, to 8-bit precision.
+    import bitsandbytes.functional as bnbf
+
+    beta1, beta2 = cfg.optim.betas
+    for key, want in (("1", (1 - beta1) * big.grad), ("2", (1 - beta2) * big.grad**2)):
+        blocksize = big.numel() // state[f"absmax{key}"].numel()
+        got = bnbf.dequantize_blockwise(state[f"state{key}"], absmax=state[f"absmax{key}"], code=state[f"qmap{key}"],
+                                        blocksize=blocksize)
+        assert (got - want).abs().max() < 0.02 * want.abs().max(), key
 
 
 def test_four_bit_llm_with_lora_trains(tmp_path, tiny_model_cfg):
