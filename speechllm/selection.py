@@ -4,7 +4,8 @@ Given the pool's cluster prior P_web(c) (share of the pool in cluster c) and a p
 M(c) measured with the model, the target is ``P_target(c) ∝ P_web(c) · M(c)^γ``: γ = 0 reproduces the
 pool (the uniform-sampling baseline), larger γ concentrates the budget where speech and text disagree
 most. ``draw_selection`` then spends a budget (seconds of speech, texts, ...) by drawing a cluster from
-P_target and a text uniformly inside it, without replacement.
+P_target and a text uniformly inside it, without replacement. The ``select`` stage's whole loop
+(embed, cluster, probe, draw, synthesise, cached step by step) is :mod:`speechllm.active_selection`.
 """
 
 from __future__ import annotations
