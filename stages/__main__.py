@@ -48,6 +48,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_schema_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prefix", nargs="?", default="",
+                        help="only keys starting with this, e.g. optim. or data.sources (default: all)")
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from speechllm.config import describe_schema
+
+    lines = describe_schema(args.prefix)
+    if not lines:
+        print(f"error: no stage config key starts with {args.prefix!r}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 # `python -m stages prepare STEP ...`: (one-line purpose, module)
 PREPARE_STEPS = {
     "tiny": ("synthetic data for the tiny pipeline (noise clips, random words)", "stages.prepare_tiny_data"),
@@ -72,6 +88,8 @@ COMMANDS = {
             SimpleNamespace(add_arguments=_add_run_arguments, run=_run)),
     "status": ("where each stage of a pipeline stands, with its WERs",
                SimpleNamespace(add_arguments=_add_pipeline_arguments, run=_status)),
+    "schema": ("every stage config key with its type, allowed values, default and help",
+               SimpleNamespace(add_arguments=_add_schema_arguments, run=_schema)),
     "decode": ("transcribe a manifest with an exported model and score it", "stages.decode"),
     "report": ("one report for a pipeline run: stage metrics and baselines", "stages.report"),
     "bench": ("benchmarks that compare configurations: levers, distill, memory or all", "stages.bench"),

@@ -17,6 +17,7 @@ from stages import __main__ as cli
 REQUIRED = {
     "run": ["p.yaml"],
     "status": ["p.yaml"],
+    "schema": [],
     "decode": ["--model", "m", "--manifest", "x.jsonl", "--out", "y.jsonl"],
     "report": ["p.yaml"],
     "bench": ["levers"],
@@ -156,3 +157,13 @@ def test_a_step_main_is_the_same_command_line(capsys):
         main(["--no-such-option"])
     assert exc.value.code == 2
     assert "usage: python -m stages prepare word-times " in capsys.readouterr().err
+
+
+def test_schema_shows_each_key_with_its_choices_default_and_help(capsys):
+    assert cli.main(["schema", "optim."]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("optim.") for line in lines)
+    assert "optim.schedule: cosine | constant | wsd = 'cosine'  # after warm-up" in "\n".join(lines)
+    assert cli.main(["schema", "data.sources"]) == 0
+    assert "data.sources.<name>.kind: speech | simulated | text = 'speech'" in capsys.readouterr().out
+    assert cli.main(["schema", "no.such."]) == 2

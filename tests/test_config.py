@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from lightning_modules import STAGE_KINDS
 from speechllm.config import ConfigError, StageConfig, load_pipeline, load_stage_config, stage_layers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def test_pipeline_and_each_stage_load(path):
     assert pipeline.stages
     for stage in pipeline.stages:
         cfg = load_stage_config(stage_layers(path, pipeline, stage.name))
-        assert cfg.kind in {"align", "asr", "distill", "select"}
+        assert cfg.kind in STAGE_KINDS
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
