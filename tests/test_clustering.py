@@ -199,16 +199,24 @@ def test_balanced_assign_is_optimal_on_hand_made_case() -> None:
 
 
 def test_balanced_assign_against_brute_force_on_small_cases() -> None:
-    gen = torch.Generator().manual_seed(1)
-    for n, k in [(5, 2), (6, 3), (7, 3), (8, 2)]:
+    gen = torch.Generator().manual_seed(0)
+    exact = 0
+    for _ in range(80):
+        n, k = int(torch.randint(4, 8, (1,), generator=gen)), int(torch.randint(2, 4, (1,), generator=gen))
         d = torch.rand(n, k, generator=gen, dtype=torch.float64)
+        d[:, 0] *= 0.5  # most points prefer cluster 0: the capacities bind
+        exact += cost(d, balanced_assign(d)) == pytest.approx(brute_force_balanced_cost(d), abs=1e-12)
+    # A heuristic, not the optimum: by regret it is exact on 69 of these 80 cases; the same greedy in
+    # index order is exact on 28, smallest regret first on 16.
+    assert exact >= 60, exact
+    # Exact whenever the nearest-centroid assignment is already balanced (as documented): built so.
+    for n, k in [(5, 2), (6, 3), (7, 3), (8, 2), (9, 4)]:
+        labels = torch.tensor([i % k for i in range(n)])[torch.randperm(n, generator=gen)]
+        d = 1 + torch.rand(n, k, generator=gen, dtype=torch.float64)
+        d[torch.arange(n), labels] = torch.rand(n, generator=gen, dtype=torch.float64)
         assignment = balanced_assign(d)
-        optimum = brute_force_balanced_cost(d)
-        assert cost(d, assignment) >= optimum - 1e-12  # the optimum is a lower bound
-        # Exact whenever the nearest-centroid assignment is already balanced.
-        nearest = d.argmin(dim=1)
-        if sorted(torch.bincount(nearest, minlength=k).tolist(), reverse=True) == balanced_sizes(n, k):
-            assert torch.equal(assignment, nearest)
+        assert torch.equal(assignment, labels)
+        assert cost(d, assignment) == pytest.approx(brute_force_balanced_cost(d), abs=1e-12)
     # Far apart points with a unique balanced optimum: greedy must hit it exactly.
     x, _ = blobs([3, 3, 3], dim=3)
     centres = torch.stack([x[:3].mean(0), x[3:6].mean(0), x[6:].mean(0)])
