@@ -64,7 +64,7 @@ class SpeechLLMModule(EvaluationMixin):
         super().__init__()
         self.cfg = cfg
         self.stage_dir = Path(stage_dir) if stage_dir else None
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
         self.model = SpeechLLM.build(cfg.model)
         if cfg.init_from:
             self.init_from(cfg.init_from)

@@ -588,5 +588,5 @@ def to_yaml(cfg: Any) -> str:
 def plain(value: Any) -> Any:
     """A config node as plain Python containers (transformers' strict configs reject ListConfig)."""
     if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
     return value

@@ -335,7 +335,7 @@ class SpeechLLM(nn.Module):
         """
         directory = Path(directory)
         atomic_write(directory / "trainable.safetensors", safetensors_bytes(self.trainable_state_dict()))
-        cfg = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+        cfg = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True, enum_to_str=True)
         atomic_write(directory / "model.json", json.dumps({"format": MODEL_FORMAT, "model": cfg}, indent=1))
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str = "") -> None:
