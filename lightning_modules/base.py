@@ -56,6 +56,13 @@ class SpeechLLMModule(EvaluationMixin):
     config_sections: tuple[str, ...] = ()
 
     @classmethod
+    def sections_read(cls, cfg: StageConfig) -> tuple[str, ...]:
+        """The stage-specific sections this stage's computation depends on: its own, and ``distill``
+        wherever held-out measures are set (they build their rows with its format and span lengths)."""
+        measured = bool(cfg.measures.sets or cfg.measures.multiple_choice)
+        return tuple(dict.fromkeys(cls.config_sections + (("distill",) if measured else ())))
+
+    @classmethod
     def config_errors(cls, cfg: StageConfig) -> list[tuple[str, str]]:
         """``(key, problem)`` for each rule of this kind that ``cfg`` breaks (none by default)."""
         return []

@@ -117,7 +117,8 @@ class EncoderConfig:
     init_seed: int = setting(0, "makes from_config weights identical in every process and on reload")
     backbone: Optional[Backbone] = setting(None, "ctc: the encoder under a separately trained CTC head")
     ctc_head: Optional[str] = setting(None, "ctc: path of a CTC head saved by `prepare ctc-head`")
-    vocab: Optional[list[str]] = setting(None, "vocabulary of a from_config model (CTC: index 0 = blank)")
+    vocab: Optional[list[str]] = setting(None, "ctc: CTC vocabulary of a from_config model (index 0 = blank); "
+                                         "dual_tower: the alphabet of its from_config character tokenizer")
     blank_id: Optional[int] = setting(None, "ctc: blank index (default: the model's pad_token_id)")
     lsd: bool = setting(True, "ctc: label-synchronous compression of the posteriors")
     lsd_blank_threshold: float = setting(0.9, "ctc: LSD drops vectors whose blank probability is at least this")

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from speechllm.config import ConfigError
-from speechllm.encoders import build_encoder
+from speechllm.encoders import build_encoder, encoder_kind, kinds_with
 from speechllm.encoders.ctc import CTCPosteriorEncoder
 from speechllm.forced_alignment import units_per_word, word_times
 from speechllm.manifest import Utterance, load_audio, load_manifest, write_manifest
@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = next((c for name, _, c in stages if name == args.stage), None)
     if cfg is None:
         raise ConfigError(f"{args.pipeline}: no stage {args.stage!r} (have {[name for name, _, _ in stages]})")
-    if cfg.model.encoder.kind != "ctc":
+    if not encoder_kind(cfg.model.encoder.kind).is_ctc:
         raise ConfigError(f"{args.pipeline}: stage {args.stage!r} has encoder.kind {cfg.model.encoder.kind!r}; "
-                          "forced alignment needs a ctc encoder")
+                          f"forced alignment needs a CTC encoder ({' | '.join(kinds_with('is_ctc'))})")
     cfg.model.encoder.cps.matched_share = 0.0  # the text side is not used: no posterior statistics needed
     encoder = build_encoder(cfg.model.encoder)
 

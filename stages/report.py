@@ -14,6 +14,7 @@ import json
 import torch
 from tqdm import tqdm
 
+from speechllm.encoders import encoder_kind
 from speechllm.manifest import load_audio, load_manifest, normalize_target
 from speechllm.metrics import corpus_errors
 from speechllm.model import SpeechLLM
@@ -32,7 +33,7 @@ def baselines(model: SpeechLLM, manifest: str, limit: int, batch_size: int = 8) 
     items = items[:limit] if limit else items
     refs = [normalize_target(u.target_text, "none") for u in items]
     out = {"utterances": len(items)}
-    if hasattr(model.encoder, "greedy_transcribe"):
+    if encoder_kind(model.cfg.encoder.kind).is_ctc:
         hyps = []
         for chunk in tqdm(list(_batches(items, batch_size)), desc="greedy CTC", leave=False):
             hyps += model.encoder.greedy_transcribe([load_audio(u.audio, model.encoder.sample_rate) for u in chunk])

@@ -115,8 +115,9 @@ def changed_keys(stage_dir: StageDir, cfg: StageConfig) -> list[str]:
     """What in ``cfg`` would change the computation of the run in ``stage_dir`` (see ``config_diff``)."""
     from lightning_modules import STAGE_KINDS
 
-    sections = STAGE_KINDS[cfg.kind].config_sections if cfg.kind in STAGE_KINDS else ()
-    return config_diff(stage_dir.config.read_text(), cfg, sections)
+    specific = {s for kind in STAGE_KINDS.values() for s in kind.config_sections}
+    read = STAGE_KINDS[cfg.kind].sections_read(cfg) if cfg.kind in STAGE_KINDS else specific
+    return config_diff(stage_dir.config.read_text(), cfg, tuple(sorted(specific - set(read))))
 
 
 def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,

@@ -21,9 +21,6 @@ from speechllm.io import atomic_write
 # Changing these does not change what a stage computes, so a resume may change them.
 RESUME_SAFE_KEYS = ("trainer.num_threads", "data.num_workers", "trainer.log_every_n_steps",
                     "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy")
-# Config sections only some stage kinds read (the kind's ``config_sections``); ``distill`` also shapes
-# the held-out measures of any stage, so it counts wherever measures are set.
-KIND_SECTIONS = ("distill", "selection")
 
 
 def project_version() -> str:
@@ -89,18 +86,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_diff(old_yaml: str, new_cfg: StageConfig, kind_sections: tuple[str, ...] = KIND_SECTIONS) -> list[str]:
+def config_diff(old_yaml: str, new_cfg: StageConfig, unread_sections: tuple[str, ...] = ()) -> list[str]:
     """The keys whose change alters what the stage computes, as ``key: old -> new``.
 
     Compared: keys in both configs, and keys new to the schema whose value is not the schema default
     (a field added by a later version of the project, left at its default, continues an old run; a
-    field since removed is ignored). Not compared: ``RESUME_SAFE_KEYS``, and the sections of
-    ``KIND_SECTIONS`` the stage kind does not read (``kind_sections``: what it does read).
+    field since removed is ignored). Not compared: ``RESUME_SAFE_KEYS``, and ``unread_sections`` (the
+    config sections the stage kind does not read).
     """
     old = _flatten(OmegaConf.to_container(OmegaConf.create(old_yaml), resolve=True))
     new = _flatten(OmegaConf.to_container(new_cfg, resolve=True, enum_to_str=True))
-    read = set(kind_sections) | ({"distill"} if new_cfg.measures.sets or new_cfg.measures.multiple_choice else set())
-    unread = tuple(f"{s}." for s in KIND_SECTIONS if s not in read)
+    unread = tuple(f"{s}." for s in unread_sections)
     changed = []
     for key in sorted(new):
         if key.startswith(RESUME_SAFE_KEYS) or key.startswith(unread):

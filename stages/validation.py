@@ -34,7 +34,9 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
     if encoder is None:
         problems.append(("model.encoder.kind", f"{enc.kind!r} is not an encoder kind (have: {', '.join(sorted(ENCODER_KINDS))})"))
     else:
-        for name in _ENCODER_SPECIFIC:
+        # Fields only some kinds read (cps is a section of its own, checked through matched_share).
+        specific = sorted({f for kind in ENCODER_KINDS.values() for f in kind.fields} - {"cps"})
+        for name in specific:
             key = f"model.encoder.{name}"
             if name not in encoder.fields and _set(enc[name]) != schema_default(key):
                 readers = [k for k, v in ENCODER_KINDS.items() if name in v.fields]
@@ -74,10 +76,6 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
         problems.append(("trainer.strategy", f"{cfg.trainer.strategy!r} is not one of auto, ddp, fsdp or Lightning's "
                          f"({', '.join(sorted(strategies - {'auto', 'ddp', 'fsdp'}))})"))
     return problems + stage.config_errors(cfg)
-
-
-# EncoderConfig fields that only some encoder kinds read (each kind lists the ones it reads).
-_ENCODER_SPECIFIC = ("backbone", "ctc_head", "vocab", "blank_id", "lsd", "lsd_blank_threshold")
 
 
 def _set(value: Any) -> Any:

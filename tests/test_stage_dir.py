@@ -31,15 +31,15 @@ def test_a_field_the_project_removed_is_ignored_and_a_changed_value_is_named():
     assert config_diff(older, changed) == ["optim.lr: 5e-05 -> 0.5"]  # threads do not change the computation
 
 
-def test_sections_the_stage_kind_does_not_read_are_not_compared():
-    cfg = load_stage_config([], ["kind=align"])
-    other = load_stage_config([], ["kind=align", "selection.gamma=0", "distill.alpha=0.5"])
-    assert config_diff(to_yaml(cfg), other, ()) == []
-    assert config_diff(to_yaml(cfg), other, ("distill", "selection")) == ["distill.alpha: 1.0 -> 0.5",
-                                                                            "selection.gamma: 5.0 -> 0.0"]
-    measured = load_stage_config([], ["kind=align", "distill.alpha=0.5", "measures.sets.d=docs.jsonl"])
-    # the measures read distill's format, so distill counts wherever measures are set
-    assert "distill.alpha: 1.0 -> 0.5" in config_diff(to_yaml(cfg), measured, ())
+def test_sections_the_stage_kind_does_not_read_are_not_compared(finished_stage, tmp_path):
+    pipeline, stage_dir, trained = finished_stage  # an `align` stage: it reads neither distill nor selection
+    run(pipeline, tmp_path, "selection.gamma=0", "distill.alpha=0.5")
+    assert trained == []  # DONE, skipped: nothing it computes changed
+    with pytest.raises(ConfigError, match=r"distill.alpha: 1.0 -> 0.5"):  # measures build rows with distill
+        run(pipeline, tmp_path, "distill.alpha=0.5", "measures.sets.d=docs.jsonl")
+    cfg = load_stage_config([], ["kind=select"])
+    other = load_stage_config([], ["kind=select", "selection.gamma=0", "distill.alpha=0.5"])
+    assert config_diff(to_yaml(cfg), other, ("selection",)) == ["distill.alpha: 1.0 -> 0.5"]
 
 
 @pytest.fixture
