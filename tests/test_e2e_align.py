@@ -1,6 +1,7 @@
 """Stage 1 end to end through the runner on tiny models: SIGKILL mid-stage, re-run, exact resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from hand_reference import sharpen, word_edits
 
 from stages.tensorboard import scalar_series
 
@@ -100,32 +103,80 @@ def test_changed_config_is_refused_unless_redo(tmp_path, tiny_data):
     assert "lr: 0.5" in saved
 
 
-def test_decode_cli_writes_hypotheses_with_error_counts(tmp_path, tiny_data):
-    pipeline = write_pipeline(tmp_path, tiny_data)
-    run = command(pipeline, tmp_path / "runs") + ["trainer.max_steps=2", "trainer.val_check_interval=2"]
-    assert subprocess.run(run, cwd=REPO, capture_output=True, timeout=600).returncode == 0
+def tasu_by_hand(text: str) -> str:
+    """TASU's scorer: lowercase, every punctuation mark (apostrophes too) removed, single spaces."""
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def test_decode_cli_writes_hypotheses_with_error_counts(tmp_path, tiny_data, tiny_model_cfg):
+    from speechllm.config import GenerationConfig
+    from speechllm.manifest import load_audio
+    from speechllm.model import SpeechLLM
+
+    # An exported model whose LLM is the tiny one sharpened (saved to disk, named by path): a random
+    # tiny LLM says the same newline at every step, so its hypotheses are empty whatever the options.
+    torch.manual_seed(0)
+    model = SpeechLLM.build(tiny_model_cfg)
+    sharpen(model.llm)
+    model.llm.save_pretrained(tmp_path / "llm")
+    model.tokenizer.save_pretrained(tmp_path / "llm")
+    model.cfg.llm.from_config, model.cfg.llm.pretrained = None, str(tmp_path / "llm")
+    model.save_pretrained(tmp_path / "model")
+    manifest = tiny_data / "speech/val.jsonl"
     out = tmp_path / "hyps.jsonl"
-    dec = subprocess.run([sys.executable, "-m", "stages", "decode", "--model", str(tmp_path / "runs/e2e/align/model"),
-                          "--manifest", str(tiny_data / "speech/val.jsonl"), "--out", str(out), "--beam", "2",
-                          "--max-new-tokens", "5", "--no-repeat-ngram", "2", "--normalizer", "tasu"],
+    dec = subprocess.run([sys.executable, "-m", "stages", "decode", "--model", str(tmp_path / "model"),
+                          "--manifest", str(manifest), "--out", str(out), "--beam", "2",
+                          "--max-new-tokens", "12", "--no-repeat-ngram", "2", "--normalizer", "tasu"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert dec.returncode == 0, dec.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 8 and {"id", "ref", "hyp", "substitutions", "deletions", "insertions", "ref_words"} <= set(rows[0])
-    errors = sum(r["substitutions"] + r["deletions"] + r["insertions"] for r in rows)
-    wer = errors / sum(r["ref_words"] for r in rows)
-    assert f"WER {wer:.4f}" in dec.stdout
+    refs = {r["id"]: r["text"] for r in map(json.loads, manifest.read_text().splitlines())}
+    assert [r["id"] for r in rows] == list(refs) and all(r["ref"] == refs[r["id"]] for r in rows)
+    hyps = [r["hyp"] for r in rows]
+    assert all(tasu_by_hand(h) for h in hyps), hyps
+    # The options reached the decoder: the same model in this process, with and without each.
+    again = SpeechLLM.from_pretrained(tmp_path / "model").eval()
+    wavs = [load_audio(manifest.parent / r["audio"], 16000) for r in map(json.loads, manifest.read_text().splitlines())]
+
+    def decode(beams: int, no_repeat: int) -> list[str]:
+        return again.transcribe(wavs, GenerationConfig(num_beams=beams, max_new_tokens=12, no_repeat_ngram_size=no_repeat))
+
+    assert hyps == decode(2, 2) and hyps != decode(1, 2) and hyps != decode(2, 0)
+    for h in hyps:  # the tiny LLM reads characters: one token each, so no character pair repeats
+        pairs = [h[i : i + 2] for i in range(len(h) - 1)]
+        assert len(pairs) == len(set(pairs)), h
+    # S/D/I recounted: TASU normalisation and the word edit distance by hand; D - I is the length change.
+    errors = words = 0
+    for r in rows:
+        ref, hyp = tasu_by_hand(r["ref"]), tasu_by_hand(r["hyp"])
+        assert (r["ref_norm"], r["hyp_norm"]) == (ref, hyp)
+        edits = word_edits(ref, hyp)
+        assert r["substitutions"] + r["deletions"] + r["insertions"] == edits, r
+        assert r["deletions"] - r["insertions"] == len(ref.split()) - len(hyp.split()), r
+        assert r["ref_words"] == len(ref.split())
+        errors, words = errors + edits, words + len(ref.split())
+    assert errors > 0 and f"WER {errors / words:.4f}" in dec.stdout
 
 
 def test_bf16_autocast_and_lora_run_on_cpu(tmp_path, tiny_data):
     pipeline = write_pipeline(tmp_path, tiny_data)
-    run = command(pipeline, tmp_path / "runs") + ["trainer.max_steps=3", "trainer.val_check_interval=3",
-                                                  "trainer.precision=bf16-mixed", "model.llm.lora.enabled=true"]
-    proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.loads((tmp_path / "runs/e2e/align/metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["train_loss_last"] == metrics["train_loss_last"]  # not NaN
+    losses = {}
+    for precision in ("bf16-mixed", "32-true"):
+        run = command(pipeline, tmp_path / precision) + ["trainer.max_steps=3", "trainer.val_check_interval=3",
+                                                        f"trainer.precision={precision}", "model.llm.lora.enabled=true"]
+        proc = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stage = tmp_path / precision / "e2e/align"
+        metrics = json.loads((stage / "metrics.json").read_text())
+        assert metrics["steps"] == 3 and metrics["precision"] == precision
+        losses[precision] = scalar_series(stage / "tb")
+    bf16, fp32 = losses["bf16-mixed"], losses["32-true"]
+    assert set(bf16) == set(fp32) == {0, 1, 2}
+    # The first step sees the same weights and batch: bf16 was on if its loss moved by more than a
+    # float32 rerun does (<= 1e-6, the resume tests), and by less than one bf16 rounding (seen 4.8e-5).
+    assert abs(bf16[0] - fp32[0]) > 1e-6 and bf16[0] == pytest.approx(fp32[0], rel=2**-8), (bf16[0], fp32[0])
+    assert all(math.isfinite(v) for v in bf16.values())
     from safetensors.torch import load_file
 
-    saved = load_file(str(tmp_path / "runs/e2e/align/model/trainable.safetensors"))
+    saved = load_file(str(tmp_path / "bf16-mixed/e2e/align/model/trainable.safetensors"))
     assert any("lora_A" in k for k in saved) and any(k.startswith("projector.") for k in saved)

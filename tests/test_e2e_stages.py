@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hand_reference import word_edits
 
 from stages.tensorboard import scalar_series
 
@@ -124,17 +125,6 @@ def test_every_stage_runs_on_two_processes_like_on_one(tmp_path, one_process_run
     selected = [[json.loads(line)["id"] for line in (run / "select/selection/synthetic/selected.jsonl").open()]
                 for run in (one_run, two_run)]
     assert selected[0] == selected[1]
-
-
-def word_edits(ref: str, hyp: str) -> int:
-    """Levenshtein distance over words, by hand."""
-    r, h = ref.split(), hyp.split()
-    row = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        prev, row[0] = row[0], i
-        for j in range(1, len(h) + 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-    return row[-1]
 
 
 def corpus_wer_by_hand(refs: list[str], hyps: list[str]) -> float:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hand_reference import sharpen
 from omegaconf import OmegaConf
 
 from lightning_modules.evaluation import summarise
@@ -79,16 +80,6 @@ def test_m_and_f_are_zero_for_a_model_compared_with_itself(tiny_model_cfg):
     fresh = lora_model(tiny_model_cfg)  # LoRA's B starts at zero: adapted == original
     _, f = measures(fresh, token_embeddings(fresh))
     assert f.abs().max() < 1e-6
-
-
-def sharpen(llm, factor: float = 10.0):
-    """Scale the LLM's own matrices (not LoRA's): a random tiny LLM's near-flat logits give KLs so small
-    that KL(p || q) and KL(q || p) are nearly the same number."""
-    with torch.no_grad():
-        for name, p in llm.named_parameters():
-            if p.dim() == 2 and "lora_" not in name:
-                p.mul_(factor)
-    return llm
 
 
 def noise(lengths: list[int]) -> torch.Tensor:
