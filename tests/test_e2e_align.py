@@ -90,17 +90,22 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, tiny_data):
     assert again.returncode == 0 and "DONE" in again.stdout and "skipping" in again.stdout
 
 
-def test_changed_config_is_refused_unless_redo(tmp_path, tiny_data):
+def test_changed_config_is_refused_unless_redo_force(tmp_path, tiny_data):
+    """A finished stage whose config changed is refused; --redo alone does not discard it; --redo --force
+    moves it aside (kept whole) and runs it again with the new config."""
     pipeline = write_pipeline(tmp_path, tiny_data)
     run_dir = tmp_path / "runs"
     base = command(pipeline, run_dir) + ["trainer.max_steps=4", "trainer.val_check_interval=4"]
     assert subprocess.run(base, cwd=REPO, capture_output=True, timeout=600).returncode == 0
     changed = subprocess.run(base + ["optim.lr=0.5"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert changed.returncode == 2 and "optim.lr" in changed.stderr and "--redo" in changed.stderr
+    assert changed.returncode == 2 and "optim.lr: 0.001 -> 0.5" in changed.stderr and "--redo --force" in changed.stderr
     redo = subprocess.run(base + ["optim.lr=0.5", "--redo"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert redo.returncode == 0, redo.stderr[-2000:]
-    saved = (run_dir / "e2e" / "align" / "config.yaml").read_text()
-    assert "lr: 0.5" in saved
+    assert redo.returncode == 2 and "--force" in redo.stderr and (run_dir / "e2e" / "align" / "DONE").is_file()
+    forced = subprocess.run(base + ["optim.lr=0.5", "--redo", "--force"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "lr: 0.5" in (run_dir / "e2e" / "align" / "config.yaml").read_text()
+    (kept,) = (run_dir / "e2e").glob("align.replaced-*")
+    assert "lr: 0.001" in (kept / "config.yaml").read_text() and (kept / "DONE").is_file()
 
 
 def tasu_by_hand(text: str) -> str:
