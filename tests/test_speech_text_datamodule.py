@@ -1,6 +1,7 @@
 """The data module: bad clips are counted skips, sources mix by share, the position resumes."""
 
 import json
+import math
 
 import numpy as np
 import soundfile as sf
@@ -41,17 +42,25 @@ def test_a_source_with_share_zero_is_switched_off(tiny_data, tmp_path):
 
 def test_mixture_shares_follow_the_ramp(tiny_data, tmp_path):
     speech, text = str(tiny_data / "speech/train.jsonl"), str(tiny_data / "text/train.jsonl")
+    end = 400
     cfg = stage_cfg(tmp_path, {"speech": {"manifest": speech},
                                "simulated": {"manifest": text, "kind": "simulated",
-                                             "share": {"kind": "linear", "start": 3.0, "end": 0.0, "end_step": 100}}})
+                                             "share": {"kind": "linear", "start": 3.0, "end": 0.0, "end_step": end}}})
     dm = SpeechTextDataModule(cfg, "speech")
     assert dm.shares(0) == {"speech": 1.0, "simulated": 3.0}
-    assert dm.shares(50) == {"speech": 1.0, "simulated": 1.5} and dm.shares(200)["simulated"] == 0.0
-    loader = dm.train_dataloader()
-    batches = [b for b, _ in zip(loader, range(40))]
-    first = [b["source"] for b in batches[:10]]
-    assert first.count("simulated") >= 5 and all(b["kind"] in ("speech", "simulated") for b in batches)
+    assert dm.shares(end // 2) == {"speech": 1.0, "simulated": 1.5} and dm.shares(end + 50)["simulated"] == 0.0
+    batches = [b for b, _ in zip(dm.train_dataloader(), range(end + 40))]
+    assert all(b["kind"] == ("simulated" if b["source"] == "simulated" else "speech") for b in batches)
     assert all("waveform" in b for b in batches if b["kind"] == "speech")
+    # Over the whole ramp, not only its start: each half's count of simulated batches against the
+    # expected sum of 3(1 - t/400) / (1 + 3(1 - t/400)) (about 137 and 78), within 4 standard
+    # deviations of the binomial sum; a share stuck at its start gives 150 in the second half.
+    for half in (range(0, end // 2), range(end // 2, end)):
+        p = [3 * (1 - t / end) / (1 + 3 * (1 - t / end)) for t in half]
+        mean, sd = sum(p), math.sqrt(sum(q * (1 - q) for q in p))
+        got = sum(batches[t]["source"] == "simulated" for t in half)
+        assert abs(got - mean) < 4 * sd, (half, got, mean, sd)
+    assert all(b["source"] == "speech" for b in batches[end:])  # share 0 after the ramp: never drawn
 
 
 def test_resume_position_comes_from_the_checkpointed_batch_count(tiny_data, tmp_path):
