@@ -1,9 +1,12 @@
-"""The TTS wrappers (real engines, skipped where not installed; tiny random transformers models) and
-the resampler."""
+"""The TTS wrappers (real engines: skipped where not installed, failing under CI=true; tiny random
+transformers models) and the resampler."""
 
 import json
 import math
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +24,6 @@ from speechllm.tts import (
 )
 
 
-def voice_or_skip(spec: str) -> tts.TTSVoice:
-    try:
-        return get_voice(spec)
-    except TTSUnavailableError as err:
-        pytest.skip(str(err))
-
-
 @pytest.mark.parametrize(
     "spec",
     [
@@ -39,8 +35,8 @@ def voice_or_skip(spec: str) -> tts.TTSVoice:
         "piper:joe",
     ],
 )
-def test_engine_synthesizes_16khz(spec, tmp_path):
-    voice = voice_or_skip(spec)
+def test_engine_synthesizes_16khz(spec, tmp_path, tts_voice):
+    voice = tts_voice(spec)
     path = tmp_path / "out.wav"
     duration = synthesize_to_file(voice, "The quick brown fox jumps over the lazy dog.", path)
     info = sf.info(path)
@@ -52,8 +48,8 @@ def test_engine_synthesizes_16khz(spec, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_awkward_text_is_passed_safely():
-    voice = voice_or_skip("espeak-ng:en-us")
+def test_awkward_text_is_passed_safely(tts_voice):
+    voice = tts_voice("espeak-ng:en-us")
     # a leading '-' must not be read as an option, and newlines/tabs must not split the utterance
     wav, sr = voice.synthesize("-v  hello\n\tworld")
     assert sr == 22050 and wav.dtype == np.float32 and wav.ndim == 1 and len(wav) > sr // 2
@@ -61,8 +57,8 @@ def test_awkward_text_is_passed_safely():
         voice.synthesize(" \n ")
 
 
-def test_festival_survives_punctuation_only_utterances():
-    voice = voice_or_skip("festival:kal")
+def test_festival_survives_punctuation_only_utterances(tts_voice):
+    voice = tts_voice("festival:kal")
     for text in [
         "... Had this been an emergency",
         "Hello! ... world",
@@ -78,8 +74,8 @@ def test_normalize_text():
     assert normalize_text("  a\nb\t\tc  \r\n d ") == "a b c d"
 
 
-def test_spec_parsing_and_names():
-    voice = voice_or_skip("espeak-ng:en-gb,speed=150,pitch=40")
+def test_spec_parsing_and_names(tts_voice):
+    voice = tts_voice("espeak-ng:en-gb,speed=150,pitch=40")
     assert (voice.speed, voice.pitch) == (150, 40)
     assert voice.name == "espeak-ng:en-gb,speed=150,pitch=40"
     assert get_voice("espeak-ng:en-us,speed=175").name == "espeak-ng:en-us"  # defaults are dropped
@@ -95,7 +91,7 @@ def test_spec_parsing_and_names():
     ]:
         with pytest.raises(ValueError, match=message):
             get_voice(bad)
-    voice_or_skip("flite:slt")
+    tts_voice("flite:slt")
     with pytest.raises(ValueError, match="flite has no option 'speed'"):
         get_voice("flite:slt,speed=120")
 
@@ -109,16 +105,80 @@ def test_missing_program_names_the_apt_package(monkeypatch):
     assert "flite" not in tts.available_engines()
 
 
-def test_missing_festival_voice_names_the_apt_package(monkeypatch, tmp_path):
-    voice_or_skip("festival:kal")
+def test_missing_festival_voice_names_the_apt_package(monkeypatch, tmp_path, tts_voice):
+    tts_voice("festival:kal")
     monkeypatch.setattr(tts.FestivalVoice, "voice_root", tmp_path)
     with pytest.raises(TTSUnavailableError, match="apt-get install festvox-us-slt-hts"):
         get_voice("festival:slt-hts")
 
 
-def test_available_engines_match_installed_programs():
-    for engine in tts.available_engines():
-        assert engine in tts.ENGINES
+PROGRAM_ENGINES = ("espeak-ng", "flite", "festival")
+
+
+def on_path(program: str) -> bool:
+    return any(os.access(os.path.join(d, program), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep) if d)
+
+
+def test_available_engines_match_installed_programs(monkeypatch, tmp_path):
+    listed = tts.available_engines()
+    assert set(listed) <= set(tts.ENGINES)
+    assert "transformers" in listed  # a dependency of the project: never an empty list
+    for engine in PROGRAM_ENGINES:
+        assert (engine in listed) == on_path(engine), engine
+    # Each listed program engine works (a voice builds), and a PATH without the programs lists none.
+    for engine, spec in zip(PROGRAM_ENGINES, ("espeak-ng:en-us", "flite:slt", "festival:kal")):
+        if engine in listed:
+            get_voice(spec)
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    monkeypatch.setenv("PATH", str(bare))
+    assert not set(tts.available_engines()) & set(PROGRAM_ENGINES)
+    (bare / "flite").write_text("#!/bin/sh\n")
+    (bare / "flite").chmod(0o755)
+    assert set(tts.available_engines()) & set(PROGRAM_ENGINES) == {"flite"}
+
+
+INNER_TEST = """
+import sys
+
+from speechllm import tts
+
+
+def test_flite_missing(tts_voice, monkeypatch):
+    monkeypatch.setattr(tts.shutil, "which", lambda program: None)
+    tts_voice("flite:slt")
+
+
+def test_piper_missing(tts_voice, monkeypatch):
+    monkeypatch.setitem(sys.modules, "piper", None)  # import piper fails, installed or not
+    tts_voice("piper:joe")
+
+
+def test_package_missing_elsewhere():
+    import pytest
+
+    pytest.skip("package(s) not installed: some_asset_package")
+"""
+
+
+@pytest.mark.parametrize("ci", [False, True])
+def test_a_missing_engine_skips_outside_ci_and_fails_under_ci(tmp_path, ci):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    (inner / "test_inner.py").write_text(INNER_TEST)
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": "true"} if ci else {})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "--rootdir", str(inner),
+                           "-c", os.devnull, str(inner)], cwd=inner, env=env, capture_output=True, text=True, timeout=300)
+    outcome = dict(line.split("::", 1)[1].split()[:2] for line in proc.stdout.splitlines()
+                   if line.startswith("test_inner.py::"))
+    want = "FAILED" if ci else "SKIPPED"
+    assert outcome == {"test_flite_missing": want, "test_piper_missing": "SKIPPED",
+                       "test_package_missing_elsewhere": want}, proc.stdout[-3000:]
+    assert "apt-get install flite" in proc.stdout and "optional extra (piper)" in proc.stdout
+    if ci:
+        assert "CI=true: a required package or asset is missing" in proc.stdout
+        assert proc.returncode == 1
 
 
 def _sine(freq: float, sr: int, seconds: float = 0.5) -> np.ndarray:
@@ -154,8 +214,8 @@ def test_resample_torch_batched():
     assert torch.allclose(out[1], torch.from_numpy(resample(x[1].numpy(), 22050, 16000)), atol=1e-6)
 
 
-def test_synthesize_spans_boundaries():
-    voice = voice_or_skip("espeak-ng:en-us")
+def test_synthesize_spans_boundaries(tts_voice):
+    voice = tts_voice("espeak-ng:en-us")
     spans = ["the quick brown fox", "jumps over\nthe lazy dog", "and runs away"]
     wav, sr, segments = synthesize_spans(voice, spans)
     assert sr == 16000 and wav.dtype == np.float32
@@ -176,8 +236,8 @@ def test_synthesize_spans_boundaries():
 
 @pytest.mark.parametrize("spec, function", [("festival:kal", "voice_kal_diphone"),
                                             ("festival:slt-hts", "voice_cmu_us_slt_arctic_hts")])  # fmt: skip
-def test_festival_many_texts_in_one_process_match_text2wave(spec, function, tmp_path):
-    voice = voice_or_skip(spec)
+def test_festival_many_texts_in_one_process_match_text2wave(spec, function, tmp_path, tts_voice):
+    voice = tts_voice(spec)
     texts = ["The quick brown fox.", 'He said "hi" -- twice. Then left', "a back\\slash"]
     many = voice.synthesize_many(texts)
     assert len(many) == 3
