@@ -50,14 +50,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Debian packages for the offline TTS voices and the fortunes text (skipped with a message where
-# apt-get is not available or we are not root).
+# Debian packages for the offline TTS voices and the fortunes text, installed with apt-get where it is
+# available and we are root. Otherwise a note names what is missing, and under CI=true that is an
+# error: a CI machine without the engines must not pass with the TTS tests skipped. The stamp is
+# written only once nothing is missing, so a later run checks again.
 $(VENV)/.system-deps:
-	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } || \
+			{ echo "error: apt-get install$$missing failed" >&2; exit 1; }; \
 		missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-		if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
-	else echo "note: cannot apt-get install $(SYSTEM_PKGS); TTS/data steps will say what is missing"; fi
-	mkdir -p $(VENV) && touch $@
+	fi; \
+	if [ -n "$$missing" ]; then \
+		case "$$CI" in true|1|yes) echo "error: CI=true and Debian package(s) missing that cannot be installed here (apt-get as root):$$missing" >&2; exit 1;; esac; \
+		echo "note: cannot apt-get install$$missing; TTS/data steps will say what is missing"; \
+	else mkdir -p $(VENV) && touch $@; fi
 
 system-deps: $(VENV)/.system-deps
 
