@@ -3,12 +3,19 @@
 One utterance a line: ``id``, ``audio`` (path relative to the manifest; NeMo's ``audio_filepath``
 is accepted), ``duration``, ``text``, optional ``target``, ``task``, ``speaker``, ``words``
 (``[{"w", "start", "end"}]``). Text-only corpora need only ``id`` and ``text``.
+
+``load_manifest`` also takes a source string of another format (``hf:...``, ``lhotse:...``,
+``lhotse-shar:...``, ``tasu:...``; :mod:`speechllm.sources`): the same ``Utterance`` items, whose
+``audio`` is then an :class:`AudioRef` (audio held by a dataset, not a file of its own).
+``load_audio`` is the one place that decodes, mixes to mono and resamples.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +31,38 @@ class ManifestError(ValueError):
     """A manifest line that does not follow the contract."""
 
 
+class AudioRef(ABC):
+    """Audio that is not a file named by our manifest: a row of a dataset, a Lhotse cut, bytes, a file
+    of a foreign manifest. Such audio is taken at its own rate and resampled (our JSONL manifests are
+    prepared at the encoder's rate, and a clip at another rate there is a counted skip)."""
+
+    @abstractmethod
+    def open(self) -> str | Path | io.BytesIO | tuple[np.ndarray, int]:
+        """What ``load_audio`` decodes: a file or bytes soundfile reads, or ``(samples (frames,
+        channels) float32, rate)`` already decoded (Lhotse decodes its own cuts)."""
+
+    def info(self) -> tuple[int, int]:
+        """``(frames, sample rate)``, reading as little as possible; raises if the audio is unreadable."""
+        what = self.open()
+        if isinstance(what, tuple):
+            return len(what[0]), int(what[1])
+        info = sf.info(what if isinstance(what, io.BytesIO) else str(what))
+        return int(info.frames), int(info.samplerate)
+
+    def exists(self) -> bool:
+        """False when the audio is known to be missing (a file that is not there)."""
+        return True
+
+    @abstractmethod
+    def __str__(self) -> str:
+        """Where the audio is, for messages."""
+
+
 @dataclass
 class Utterance:
     id: str
     text: str
-    audio: Path | None = None
+    audio: Path | AudioRef | None = None
     duration: float | None = None
     target: str | None = None
     task: str | None = None
@@ -91,6 +125,12 @@ def _parse_line(raw: str, where: str, base: Path, require_audio: bool) -> Uttera
 
 
 def load_manifest(path: str | Path, require_audio: bool = False) -> list[Utterance]:
+    """Every line of a JSONL manifest, validated; or every item of a source string of another format."""
+    if isinstance(path, str):
+        from speechllm.sources import is_source_string, open_source
+
+        if is_source_string(path):
+            return open_source(path).items(require_audio)
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
@@ -117,15 +157,28 @@ def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def load_audio(path: Path, sample_rate: int) -> torch.Tensor:
-    """Mono float32 waveform at ``sample_rate``; a clear error for unreadable or mismatched files."""
+def load_audio(path: Path | AudioRef, sample_rate: int) -> torch.Tensor:
+    """Mono float32 waveform at ``sample_rate``; a clear error for unreadable or mismatched files.
+
+    A file path (our manifests) must already be at ``sample_rate``; an :class:`AudioRef` is decoded at
+    its own rate and resampled (``speechllm.tts.resample``, a windowed sinc in torch)."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        what = path.open() if isinstance(path, AudioRef) else str(path)
+        if isinstance(what, tuple):
+            data, rate = np.asarray(what[0], dtype=np.float32), int(what[1])
+            data = data[:, None] if data.ndim == 1 else data
+        else:
+            data, rate = sf.read(what if isinstance(what, io.BytesIO) else str(what), dtype="float32", always_2d=True)
     except Exception as err:
         raise ManifestError(f"cannot read audio {path}: {err}") from None
-    if rate != sample_rate:
+    mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    if rate == sample_rate:
+        return mono
+    if not isinstance(path, AudioRef):
         raise ManifestError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz (resample the data first)")
-    return torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    from speechllm.tts import resample
+
+    return resample(mono, rate, sample_rate).contiguous()
 
 
 _TASU_TARGET = re.compile(r"[^A-Za-z\s.,!?']+")
