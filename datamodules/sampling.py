@@ -10,6 +10,8 @@ with no sampler state to save and none to lose.
   ``[(k * world + r) * B, ... + B)`` of an endless stream made of seeded per-epoch permutations.
 - ``BucketingStream``: batches packed under a padded-cost budget (seconds, tokens, items) from
   duration-sorted pools of each epoch's permutation, so little of a batch is padding.
+- ``SequentialStream``: for a source without random access (a stream): batch ``k`` of rank ``r`` is
+  positions ``[k * B, (k + 1) * B)`` of the rank's own sequence (``speechllm.sources.stream``).
 - ``MixtureBatchSampler``: each batch from one source stream, the source drawn by step-dependent shares.
 - ``ResumableBatchSampler``: a DataLoader ``batch_sampler`` over a ``FixedSizeStream``.
 """
@@ -79,6 +81,22 @@ class FixedSizeStream:
             epoch, pos = divmod(draw, self.n_items)
             out.append((int(self._permutation(epoch)[pos]), draw))
         return out
+
+
+class SequentialStream:
+    """``batch_size`` consecutive positions a batch of a rank's own item sequence (a streaming source
+    sharded by rank, read by ``speechllm.sources.stream.StreamReader``); the draw number ``p *
+    world_size + rank`` is unique across ranks."""
+
+    def __init__(self, batch_size: int, *, rank: int = 0, world_size: int = 1):
+        if batch_size <= 0:
+            raise ValueError(f"SequentialStream: batch_size must be positive, got {batch_size}")
+        _check_rank("SequentialStream", rank, world_size)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def batch(self, k: int) -> Batch:
+        first = k * self.batch_size
+        return [(p, p * self.world_size + self.rank) for p in range(first, first + self.batch_size)]
 
 
 class ResumableBatchSampler:

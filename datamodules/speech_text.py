@@ -1,7 +1,8 @@
 """The data module every stage shares: named training sources mixed by share, checked up front, and
 named speech sets for validation / test.
 
-A source is a manifest of one ``kind`` (``speech``, ``simulated`` or ``text``, see
+A source is a manifest, or a source string of another format (``hf:``, ``lhotse:``, ``lhotse-shar:``,
+``tasu:``; :mod:`speechllm.sources`), of one ``kind`` (``speech``, ``simulated`` or ``text``, see
 :class:`speechllm.config.SourceConfig`). Each source has its own endless batch stream (fixed size, or
 duration-bucketed under ``data.batching``); :class:`MixtureBatchSampler` picks the source of each batch
 from the shares at that step. Every position is a pure function of the batch index, and the global
@@ -11,6 +12,13 @@ would have seen.
 Speech is checked before training (file present and readable, sample rate, length): a bad clip is a
 counted, logged skip (``skipped/<reason>`` in TensorBoard and ``metrics.json``), never a crash at step
 10,000 or a silent wrong input.
+
+A streaming source (no random access) is probed before training (it opens, its columns are there, it
+has a usable item) and read by a :class:`~speechllm.sources.stream.StreamReader` per rank: the ``j``-th
+batch a rank draws from it is positions ``[j*B, (j+1)*B)`` of the rank's shard (``data.batch_size``;
+duration bucketing needs every duration up front, so it applies to map-style sources only), so resume
+is exact here too. Its bad rows and clips are counted skips as they are met (in this process: with
+``data.num_workers > 0`` the workers' counts are not gathered).
 """
 
 from __future__ import annotations
@@ -25,43 +33,61 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.sampling import BucketingStream, FixedSizeStream, MixtureBatchSampler
+from datamodules.sampling import BucketingStream, FixedSizeStream, MixtureBatchSampler, SequentialStream
 from speechllm.config import SourceConfig, SourceKind, StageConfig
-from speechllm.manifest import Utterance, load_audio, load_manifest, normalize_target
+from speechllm.manifest import AudioRef, Utterance, load_audio, normalize_target
 from speechllm.schedules import ramp
+from speechllm.sources import Source, open_source
+from speechllm.sources.stream import StreamReader
+
+
+def check_clip(utt: Utterance, sample_rate: int, max_seconds: float) -> Utterance | str:
+    """The clip with its duration read from the audio, or why it cannot be used (a skip reason).
+
+    A file of our manifests must be at ``sample_rate``; an :class:`AudioRef` (another format's audio) is
+    resampled, so its rate is no reason to skip it."""
+    audio = utt.audio
+    try:
+        if isinstance(audio, AudioRef):
+            frames, rate = audio.info()
+        else:
+            info = sf.info(str(audio))
+            frames, rate = info.frames, info.samplerate
+    except FileNotFoundError:
+        return "missing_audio"
+    except Exception:  # soundfile raises its own error types for unreadable files
+        return "unreadable_audio" if audio.exists() else "missing_audio"
+    if rate != sample_rate and not isinstance(audio, AudioRef):
+        return "wrong_sample_rate"
+    if frames == 0:
+        return "empty_audio"
+    if frames / rate > max_seconds:
+        return "too_long"
+    return replace(utt, duration=frames / rate)
 
 
 def check_audio(items: list[Utterance], sample_rate: int, max_seconds: float) -> tuple[list[Utterance], Counter]:
-    """The clips that can be used as they are, with durations read from the files, and the skip counts."""
+    """The clips that can be used as they are, with durations read from the audio, and the skip counts."""
     kept, skipped = [], Counter()
     for utt in items:
-        try:
-            info = sf.info(str(utt.audio))
-        except FileNotFoundError:
-            skipped["missing_audio"] += 1
-            continue
-        except Exception:  # soundfile raises its own error types for unreadable files
-            skipped["unreadable_audio" if utt.audio.exists() else "missing_audio"] += 1
-            continue
-        if info.samplerate != sample_rate:
-            skipped["wrong_sample_rate"] += 1
-        elif info.frames == 0:
-            skipped["empty_audio"] += 1
-        elif info.frames / info.samplerate > max_seconds:
-            skipped["too_long"] += 1
+        checked = check_clip(utt, sample_rate, max_seconds)
+        if isinstance(checked, str):
+            skipped[checked] += 1
         else:
-            kept.append(replace(utt, duration=info.frames / info.samplerate))
+            kept.append(checked)
     return kept, skipped
 
 
 class SourceItems(Dataset):
-    """All training sources behind one index: ``(source name, item index, draw number)``."""
+    """All training sources behind one index: ``(source name, item index, draw number)``; the index of a
+    streaming source is a position of its rank's ``StreamReader``."""
 
-    def __init__(self, sources: dict[str, tuple[str, list[Utterance]]], sample_rate: int, normalization: str):
+    def __init__(self, sources: dict[str, tuple[str, list[Utterance] | StreamReader]], sample_rate: int,
+                 normalization: str):
         self.sources, self.sample_rate, self.normalization = sources, sample_rate, normalization
 
-    def __len__(self) -> int:
-        return sum(len(items) for _, items in self.sources.values())
+    def __len__(self) -> int:  # the map-style items (a stream has no length)
+        return sum(len(items) for _, items in self.sources.values() if isinstance(items, list))
 
     def __getitem__(self, key: tuple[str, int, int]) -> dict[str, Any]:
         name, index, draw = key
@@ -111,7 +137,7 @@ class SpeechTextDataModule(L.LightningDataModule):
         self.test_index = [("wer", n) for n in cfg.data.test]
         self.skipped: Counter = Counter()  # "<source or set>/<reason>" -> count, for metrics.json
         self.manifest_overrides: dict[str, str] = {}  # source -> manifest decided at run time (selection)
-        self._train_items: dict[str, tuple[str, list[Utterance]]] = {}
+        self._train_items: dict[str, tuple[str, list[Utterance] | Source]] = {}  # a Source: streaming
         self._global_batches = 0  # restored from a checkpoint (see state_dict)
 
     # ------------------------------------------------------------------ sources
@@ -134,8 +160,8 @@ class SpeechTextDataModule(L.LightningDataModule):
         return sources
 
     def _load(self, where: str, path: str, speech: bool, limit: int = 0) -> list[Utterance]:
-        items = load_manifest(path, require_audio=speech)
-        items = items[:limit] if limit else items
+        """A source's first ``limit`` items (0 = all; a stream's first rows), checked (skips counted)."""
+        items = open_source(path).items(require_audio=speech, limit=limit)
         if speech:
             items, skipped = check_audio(items, self.cfg.model.encoder.sample_rate, self.cfg.data.max_audio_seconds)
             self._count(where, path, skipped, len(items))
@@ -173,9 +199,36 @@ class SpeechTextDataModule(L.LightningDataModule):
         (a bad manifest fails in seconds, not after the first evaluation)."""
         for name, src in self.source_configs().items():
             if src.manifest and name not in self._train_items:
-                self._train_items[name] = (src.kind, self._load(f"train/{name}", src.manifest, src.kind == "speech"))
+                source = open_source(src.manifest)
+                if source.streaming:
+                    # Probe: it opens, its columns are there, it has a usable item (skips not counted here:
+                    # the training reader counts them as it meets them).
+                    self._reader(name, src.kind, source, 0, 1, count=False)[0]
+                    self._train_items[name] = (src.kind, source)
+                else:
+                    self._train_items[name] = (src.kind, self._load(f"train/{name}", src.manifest, src.kind == "speech"))
 
-    def train_items(self) -> dict[str, tuple[str, list[Utterance]]]:
+    def _reader(self, name: str, kind: str, source: Source, rank: int, world: int, count: bool = True) -> StreamReader:
+        """Rank ``rank``'s reader of a streaming training source, with the checks ``_load`` makes."""
+        data, speech = self.cfg.data, kind == "speech"
+        rate, max_seconds, max_words = self.cfg.model.encoder.sample_rate, data.max_audio_seconds, data.max_train_words
+
+        def keep(utt: Utterance) -> Utterance | str:
+            if max_words and len(utt.target_text.split()) > max_words:
+                return "longer_than_max_train_words"
+            return check_clip(utt, rate, max_seconds) if speech else utt
+
+        def counted(reason: str, message: str) -> None:
+            key = f"train/{name}/{reason}"
+            if not self.skipped[key]:
+                rank_zero_warn(f"{source}: skipping {reason.replace('_', ' ')} ({message}); further skips are "
+                               f"counted in skipped/{key}")
+            self.skipped[key] += 1
+
+        return StreamReader(source, require_audio=speech, rank=rank, world_size=world, seed=self.cfg.seed,
+                            keep=keep, count=counted if count else None)
+
+    def train_items(self) -> dict[str, tuple[str, list[Utterance] | Source]]:
         """All training sources; a source may be produced at fit start (selection), so it loads here."""
         sources = self.source_configs()
         for name, src in sources.items():
@@ -186,8 +239,10 @@ class SpeechTextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ batches
 
-    def _stream(self, kind: str, items: list[Utterance], rank: int, world: int):
+    def _stream(self, kind: str, items: list[Utterance] | StreamReader, rank: int, world: int):
         data, batching = self.cfg.data, self.cfg.data.batching
+        if isinstance(items, StreamReader):
+            return SequentialStream(data.batch_size, rank=rank, world_size=world)
         if batching.max_seconds <= 0 and batching.max_tokens <= 0:
             return FixedSizeStream(len(items), data.batch_size, self.cfg.seed, rank=rank, world_size=world)
         if self.tokenizer is None:
@@ -207,9 +262,11 @@ class SpeechTextDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         accumulate = trainer.accumulate_grad_batches if trainer else 1
-        sources = self.train_items()
+        sources = {name: (kind, self._reader(name, kind, items, rank, world) if isinstance(items, Source) else items)
+                   for name, (kind, items) in self.train_items().items()}
         for name, (kind, items) in sources.items():
-            rank_zero_info(f"[data] source {name!r}: {len(items)} {kind} items")
+            size = "streamed" if isinstance(items, StreamReader) else f"{len(items)}"
+            rank_zero_info(f"[data] source {name!r}: {size} {kind} items")
         streams = {name: self._stream(kind, items, rank, world) for name, (kind, items) in sources.items()}
         # Exact resume: the restored global batch count (or, for old checkpoints, the step) says where
         # the stream stands. On the same device count the batches are exactly those an uninterrupted run

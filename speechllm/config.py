@@ -214,7 +214,7 @@ class ModelConfig:
 class SourceConfig:
     """One training source, mixed with the others batch by batch by its share (a ramp over steps)."""
 
-    manifest: str = setting("", "JSONL manifest (text-only lines for simulated and text sources)")
+    manifest: str = setting("", "JSONL manifest or source string (hf:, lhotse:, lhotse-shar:, tasu:; docs/extending.md#data-source); text-only items for simulated and text sources")
     kind: SourceKind = setting(SourceKind.speech, "speech (audio through the encoder), simulated (text through the encoder's text side) or text (plain text read by the LLM)")
     share: Ramp = setting(help="share of batches from this source, by step", factory=Ramp)
 
@@ -240,13 +240,13 @@ class DifficultyConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = setting(None, "manifest trained on alone, as the stage kind's first source kind")
+    train: Optional[str] = setting(None, "manifest or source string (as data.sources.<name>.manifest) trained on alone, as the stage kind's first source kind")
     sources: dict[str, SourceConfig] = setting(
         help="named sources mixed by share (stages 2-4); empty = `train` alone", factory=dict)
     batching: BatchingConfig = setting(help="duration bucketing", factory=BatchingConfig)
     difficulty: DifficultyConfig = setting(help="CPS rates ramped over training", factory=DifficultyConfig)
-    val: dict[str, str] = setting(help="name -> speech manifest: WER during training", factory=dict)
-    test: dict[str, str] = setting(help="name -> speech manifest: WER before and after training", factory=dict)
+    val: dict[str, str] = setting(help="name -> speech manifest or source string: WER during training", factory=dict)
+    test: dict[str, str] = setting(help="name -> speech manifest or source string: WER before and after training", factory=dict)
     batch_size: int = setting(8, "training batch size (without a batching budget)")
     val_batch_size: int = setting(8, "evaluation batch size")
     val_max_samples: int = setting(0, "first N clips of each val set (0 = all)")
@@ -283,9 +283,9 @@ class MeasureConfig:
     """Held-out measures logged at each validation and written to metrics.json (docs/methods.md#measures):
     misalignment M and forgetting F on ``sets``, multiple-choice accuracy on ``multiple_choice``."""
 
-    sets: dict[str, str] = setting(help="name -> documents manifest for M and F", factory=dict)
+    sets: dict[str, str] = setting(help="name -> documents manifest (or source string) for M and F", factory=dict)
     max_samples: int = setting(0, "first N documents of each set (0 = all)")
-    multiple_choice: dict[str, str] = setting(help="name -> multiple-choice manifest", factory=dict)
+    multiple_choice: dict[str, str] = setting(help="name -> multiple-choice manifest (or source string with options and answer)", factory=dict)
     mc_max_samples: int = setting(0, "first N questions of each set (0 = all)")
     batch_size: int = setting(8, "documents per measuring batch")
 

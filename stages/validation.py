@@ -23,6 +23,7 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
     """``(key, problem)`` for every rule ``cfg`` breaks."""
     from lightning_modules import STAGE_KINDS
     from speechllm.encoders import ENCODER_KINDS, kinds_with
+    from speechllm.sources import source_problems
 
     problems: list[tuple[str, str]] = []
     if cfg.kind not in STAGE_KINDS:
@@ -48,6 +49,7 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
 
     if not data.sources and not data.train:
         problems.append(("data", "set `train` (a manifest) or `sources` (named manifests with shares)"))
+    problems += source_problems(cfg)  # every manifest / source string parses, its format's extra is installed
     kinds = {f"data.sources.{n}.kind": src.kind for n, src in data.sources.items()} or (
         {"data.train": stage.source_kinds[0]} if data.train else {})
     for key, kind in kinds.items():
