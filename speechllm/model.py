@@ -12,8 +12,10 @@ positions), so memory never holds a (length x vocabulary) tensor.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,16 +24,23 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from speechllm.config import GenerationConfig, ModelConfig, PromptConfig, check_model_paths
+from speechllm.audio import AudioInput, check_audio_file, prepare_waveforms
+from speechllm.config import GenerationConfig, ModelConfig, PromptConfig, check_model_paths, plain
 from speechllm.encoders import build_encoder, encoder_kind, kinds_with
 from speechllm.encoders.base import SpeechEncoder
 from speechllm.io import atomic_write
 from speechllm.llm import build_llm
 from speechllm.losses import lm_loss
+from speechllm.model_card import project_version, read_stage_files, render_model_card
 from speechllm.projector import Projector
 
 # model.json's "format": what from_pretrained knows how to read. Raise it when the export changes.
-MODEL_FORMAT = 1
+# 2 added "local" (parts copied into the export, relative to it), "origins" and "merged_lora".
+MODEL_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# The frozen parts an export can carry inside itself: config key -> where in the export directory.
+LOCAL_PARTS = {"encoder.pretrained": "encoder", "encoder.ctc_head": "ctc_head", "encoder.cps.stats": "cps_stats",
+               "llm.pretrained": "llm", "llm.tokenizer": "llm_tokenizer"}
 IGNORE_INDEX = -100
 SPEECH = -1  # a slot for the next speech vector in a token row
 _MARK = "\x00SPEECH\x00"
@@ -57,6 +66,21 @@ class PromptTemplate:
         self.suffix_ids: list[int] = tokenizer(suffix, add_special_tokens=False).input_ids
 
 
+def _config_node(cfg: dict, key: str) -> tuple[dict, str]:
+    """The dict holding a dotted key of a plain config, and the key's last part."""
+    *path, name = key.split(".")
+    for part in path:
+        cfg = cfg[part]
+    return cfg, name
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 class SpeechLLM(nn.Module):
     def __init__(self, cfg: ModelConfig, encoder: SpeechEncoder, llm, tokenizer):
         super().__init__()
@@ -75,6 +99,8 @@ class SpeechLLM(nn.Module):
         self.pad_id = tokenizer.pad_token_id
         self.max_positions = getattr(llm.config, "max_position_embeddings", None) or 1 << 30
         self.teacher_llm = None  # a frozen copy of the original LLM, when the LLM itself is trained
+        self.merged_lora: dict | None = None  # set once LoRA is merged into the LLM's weights (merge_lora)
+        self.origins: dict[str, str] = {}  # config key -> the id/path a part copied into an export came from
         if cfg.projector.init_from_llm_embeddings:
             self.projector.init_from_embeddings(self.unit_embeddings())
         if cfg.projector.unit_lookup:
@@ -263,7 +289,11 @@ class SpeechLLM(nn.Module):
         """A frozen copy of the *original* LLM (rebuilt from its id/config, never from trained
         weights): the distillation teacher when the LLM itself is fully fine-tuned."""
         if self.teacher_llm is None:
-            cfg = OmegaConf.merge(self.cfg.llm, {"freeze": True, "lora": {"enabled": False}})
+            base = {"freeze": True, "lora": {"enabled": False}}
+            if self.merged_lora:  # the LLM's own folder holds merged weights: rebuild the base it came from
+                base.update(pretrained=self.merged_lora["base_llm"], from_config=self.merged_lora["base_from_config"],
+                            gguf_file=self.merged_lora["base_gguf_file"], tokenizer=None)
+            cfg = OmegaConf.merge(self.cfg.llm, base)
             self.teacher_llm, _ = build_llm(cfg)
             self.teacher_llm.to(self.llm.get_input_embeddings().weight.device)
 
@@ -273,6 +303,9 @@ class SpeechLLM(nn.Module):
         weights with any LoRA adapters switched off (never through them)."""
         if self.teacher_llm is not None:
             yield self.teacher_llm
+        elif self.merged_lora:
+            raise RuntimeError("LoRA is merged into the LLM's weights, so they are no longer the original LLM: "
+                               "call attach_frozen_teacher() first")
         elif hasattr(self.llm, "disable_adapter"):
             with self.llm.disable_adapter():
                 yield self.llm
@@ -318,25 +351,124 @@ class SpeechLLM(nn.Module):
         lengths = torch.tensor([len(i) for i in ids])
         return self.generate_rows(self.instruction_rows(ids)[0], gen=gen, speech_lengths=lengths)
 
-    def transcribe(self, waveforms: list[torch.Tensor], gen: GenerationConfig | None = None) -> list[str]:
-        feats, lengths = self.encoder.encode_speech(waveforms)
-        return self.generate(feats, lengths, gen)
+    @torch.no_grad()
+    def transcribe(self, audio: AudioInput | list[AudioInput], gen: GenerationConfig | None = None, *,
+                   sample_rate: int | None = None, batch_size: int | None = None) -> list[str]:
+        """One transcript per clip, in order.
+
+        ``audio``: a file path, a numpy array or a torch tensor, or a list of them. Files are read at
+        their own rate; arrays are at ``sample_rate`` (default: the encoder's). Channels are averaged
+        and the audio resampled to the encoder's rate (``speechllm.audio``). Every path is checked
+        before any is decoded; clips are read and generated ``batch_size`` at a time (default: all in one
+        batch, as validation passes its batches; batched equals one by one), in eval mode (the mode is
+        restored after).
+        """
+        items = audio if isinstance(audio, (list, tuple)) else [audio]
+        for item in items:
+            if isinstance(item, (str, Path)):
+                check_audio_file(item)
+        was_training = self.training
+        self.eval()
+        try:
+            out: list[str] = []
+            size = max(1, batch_size or len(items))
+            for start in range(0, len(items), size):
+                waves = prepare_waveforms(list(items[start:start + size]), self.cfg.encoder.sample_rate, sample_rate)
+                feats, lengths = self.encoder.encode_speech(waves)
+                out += self.generate(feats, lengths, gen)
+            return out
+        finally:
+            if was_training:
+                self.train()
 
     # ----------------------------------------------------------------------------- saving
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Only the trained weights, plus the config that names the frozen parts (ids/paths).
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LLM's weights (peft ``merge_and_unload``): the same outputs
+        within float rounding, and no peft needed to run it. ``save_pretrained`` then saves the LLM in
+        full (``llm/``), since its weights are no longer the ones its id names."""
+        lora = self.cfg.llm.lora
+        if not lora.enabled or not hasattr(self.llm, "merge_and_unload"):
+            raise ValueError("merge_lora: the LLM has no LoRA adapters (model.llm.lora.enabled is false)")
+        if self.cfg.llm.load_in_4bit or self.cfg.llm.load_in_8bit:
+            raise ValueError("merge_lora: the LLM is loaded in 4/8 bit; merge into unquantised weights "
+                             "(load it with llm.load_in_4bit/load_in_8bit false)")
+        self.cfg = copy.deepcopy(self.cfg)  # the caller's config (a stage's) is left as it was
+        self.merged_lora = {"base_llm": self.cfg.llm.pretrained, "base_from_config": plain(self.cfg.llm.from_config),
+                            "base_gguf_file": self.cfg.llm.gguf_file, "r": lora.r, "alpha": lora.alpha,
+                            "target_modules": list(lora.target_modules)}
+        self.llm = self.llm.merge_and_unload()
+        self.llm.requires_grad_(False)
+        self.llm.eval()
+        self.cfg.llm.lora.enabled = False
+        self.__dict__.pop("_prefix_kv", None)
 
+    def save_pretrained(self, directory: str | Path, *, self_contained: bool = False, metrics: dict | None = None,
+                        stage_config: dict | None = None) -> None:
+        """The trained weights, the config that names the frozen parts (ids/paths) and a model card.
+
+        A merged LLM (``merge_lora``) is saved in full under ``llm/``. ``self_contained`` also copies
+        every frozen part that is a local file or folder into the directory (Hub ids stay ids), so it
+        can be moved. ``metrics``/``stage_config`` go into the card; by default they are read from the
+        stage directory around ``directory`` (``../metrics.json``, ``../config.yaml``) when it has them.
         Each file appears whole (``atomic_write``, synced to disk); ``model.json``, written last, marks
         a finished export.
         """
         directory = Path(directory)
-        atomic_write(directory / "trainable.safetensors", safetensors_bytes(self.trainable_state_dict()))
+        directory.mkdir(parents=True, exist_ok=True)
+        trainable = self.trainable_state_dict()
+        atomic_write(directory / "trainable.safetensors", safetensors_bytes(trainable))
         cfg = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True, enum_to_str=True)
-        atomic_write(directory / "model.json", json.dumps({"format": MODEL_FORMAT, "model": cfg}, indent=1))
+        local, origins = self._save_local_parts(directory, cfg, self_contained)
+        meta = {"format": MODEL_FORMAT, "model": cfg, "local": local, "origins": origins,
+                **({"merged_lora": self.merged_lora} if self.merged_lora else {})}
+        found_stage, found_metrics = read_stage_files(directory.parent)
+        card = render_model_card(meta, {n: t.numel() for n, t in trainable.items()},
+                                 name=directory.parent.name if found_stage else directory.name,
+                                 stage=stage_config if stage_config is not None else found_stage,
+                                 metrics=metrics if metrics is not None else found_metrics, version=project_version())
+        atomic_write(directory / "README.md", card)
+        atomic_write(directory / "model.json", json.dumps(meta, indent=1))
+
+    def _save_local_parts(self, directory: Path, cfg: dict, self_contained: bool) -> tuple[dict, dict]:
+        """Save the merged LLM and (``self_contained``) copy the local frozen parts into ``directory``;
+        point ``cfg`` at them. Returns model.json's ``local`` (key -> path in the export) and ``origins``
+        (key -> the id/path each came from)."""
+        local, origins = {}, {}
+
+        def place(key: str, rel: str, write) -> None:
+            node, name = _config_node(cfg, key)
+            origins[key] = self.origins.get(key, node[name])
+            target, tmp = directory / rel, directory / f".{rel}.tmp"
+            if not (target.exists() and Path(str(node[name])).expanduser().resolve() == target.resolve()):
+                _remove(tmp)  # (a part already in this export, saved again into it, stays as it is)
+                write(tmp)
+                _remove(target)
+                tmp.replace(target)
+            node[name], local[key] = rel, rel
+
+        if self.merged_lora:
+            def write_llm(tmp: Path) -> None:
+                self.llm.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+
+            place("llm.pretrained", LOCAL_PARTS["llm.pretrained"], write_llm)
+            cfg["llm"].update(from_config=None, gguf_file=None, tokenizer=None)
+            origins["llm.pretrained"] = self.merged_lora["base_llm"] or "a random LLM built from a config"
+        for key, rel in LOCAL_PARTS.items() if self_contained else ():
+            node, name = _config_node(cfg, key)
+            value = node[name]
+            if key in local or not value or not str(value).startswith((".", "/", "~")):
+                continue  # saved above, unset, or a Hub id
+            source = Path(value).expanduser()
+            if not source.exists():
+                continue  # cps.stats of a model that does not use it
+            place(key, rel + source.suffix if source.is_file() else rel,
+                  lambda tmp, src=source: shutil.copytree(src, tmp) if src.is_dir() else shutil.copy2(src, tmp))
+        return local, origins
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str = "") -> None:
         """Load trained weights; every saved tensor must match a parameter of this model."""
@@ -358,12 +490,16 @@ class SpeechLLM(nn.Module):
             raise FileNotFoundError(f"{directory} is not an exported model (no model.json)")
         meta = json.loads(meta_path.read_text())
         fmt = meta.get("format") if isinstance(meta, dict) else None
-        if fmt != MODEL_FORMAT or not isinstance(meta.get("model"), dict):
+        if fmt not in READABLE_FORMATS or not isinstance(meta.get("model"), dict):
             raise ValueError(f"{meta_path}: format {fmt!r} is not an exported model this version reads "
-                             f"(format {MODEL_FORMAT}, with a 'model' config)")
+                             f"(format {' or '.join(map(str, READABLE_FORMATS))}, with a 'model' config)")
         cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
+        for key, rel in meta.get("local", {}).items():  # parts saved inside the export
+            OmegaConf.update(cfg, key, str(directory / rel))
         if overrides is not None:
             cfg = OmegaConf.merge(cfg, overrides)
         model = cls.build(cfg)
         model.load_trainable(load_file(str(directory / "trainable.safetensors")), str(directory))
-        return model
+        model.merged_lora = meta.get("merged_lora")
+        model.origins = dict(meta.get("origins", {}))
+        return model.eval()  # for inference, as transformers' from_pretrained (LoRA dropout off)
