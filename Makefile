@@ -26,7 +26,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts for
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats report status tensorboard lint bench faults clean
+.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats report status tensorboard lint bench faults transcribe clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -38,6 +38,7 @@ help:
 	@echo "make faults       fault injection on the tiny pipeline: what happened, data lost"
 	@echo "make bench        stage-1 levers, distillation/NLL step time, chunked-loss memory"
 	@echo "make status       where PIPELINE stands"
+	@echo "make transcribe   FILE='a.wav [b.wav ...]': one line per file, with MODEL=$(MODEL)"
 	@echo "make tensorboard  TensorBoard over $(RUN_DIR)/"
 	@echo "make lint         ruff"
 
@@ -133,6 +134,14 @@ bench: ctc-head
 # Each fault of the robustness contract (README) injected into a tiny run; prints fault, what happened, data lost.
 faults: setup system-deps
 	$(PY) -m stages faults $(ARGS)
+
+# The demo's best stage by test WER (README): asr, the last `make demo` stage with WER on speech.
+MODEL ?= $(RUN_DIR)/demo$(if $(filter full,$(SCALE)),-full,)/asr/model
+FILE  ?=
+
+transcribe: setup
+	@test -n "$(FILE)" || { echo "usage: make transcribe FILE='a.wav [b.wav ...]' [MODEL=$(MODEL)] [ARGS='--beam 4']"; exit 2; }
+	$(PY) -m stages transcribe --model $(MODEL) $(FILE) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check speechllm lightning_modules datamodules stages tests

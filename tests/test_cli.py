@@ -19,6 +19,8 @@ REQUIRED = {
     "status": ["p.yaml"],
     "schema": [],
     "decode": ["--model", "m", "--manifest", "x.jsonl", "--out", "y.jsonl"],
+    "transcribe": ["--model", "m", "a.wav"],
+    "export": ["--model", "m", "--out", "o"],
     "report": ["p.yaml"],
     "bench": ["levers"],
     "faults": [],
