@@ -42,11 +42,13 @@ help:
 	@echo "make tensorboard  TensorBoard over $(RUN_DIR)/"
 	@echo "make lint         ruff"
 
+# The project with its dev tools and the data-source extras (datasets, lhotse, kaldiio: their tests run);
+# torch is named again so that nothing can move it off its pin.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,hf,lhotse,tasu]" "$(TORCH_SPEC)"
 	touch $@
 
 setup: $(VENV)/.installed
