@@ -73,6 +73,11 @@ PREPARE_STEPS = {
     "posterior-stats": ("measure a pipeline's CTC encoder on training voices (for matched CPS noise)",
                         "stages.prepare_posterior_stats"),
     "word-times": ("word times for natural speech by CTC forced alignment", "stages.prepare_word_times"),
+    "librispeech": ("LibriSpeech subset folders (and its LM text) -> manifests", "stages.prepare_librispeech"),
+    "common-voice": ("a Common Voice release's TSV splits -> manifests", "stages.prepare_common_voice"),
+    "libriheavy": ("Lhotse-style cuts (LibriHeavy JSONL) -> a manifest, segments as clips", "stages.prepare_libriheavy"),
+    "text-corpus": ("a text dataset (local file or Hub id), sampled -> a text/documents manifest",
+                    "stages.prepare_text_corpus"),
 }
 
 
@@ -97,6 +102,8 @@ COMMANDS = {
     "report": ("one report for a pipeline run: stage metrics and baselines", "stages.report"),
     "bench": ("benchmarks that compare configurations: levers, distill, memory or all", "stages.bench"),
     "faults": ("inject each fault into a tiny run and print what was lost", "stages.faults"),
+    "estimate": ("GPU memory per device and hours per 1k steps of each stage, from parameter counts (estimates)",
+                 "stages.estimate"),
     "prepare": ("prepare data or assets (one STEP; see prepare --help)",
                 SimpleNamespace(add_arguments=_add_prepare_arguments)),
 }

@@ -24,11 +24,16 @@ REQUIRED = {
     "report": ["p.yaml"],
     "bench": ["levers"],
     "faults": [],
+    "estimate": ["p.yaml"],
     "prepare tiny": ["--out", "o"],
     "prepare demo-data": ["o"],
     "prepare ctc-head": ["--train", "a.jsonl", "--eval", "b.jsonl", "--out", "o"],
     "prepare posterior-stats": ["--pipeline", "p.yaml", "--manifest", "x.jsonl"],
     "prepare word-times": ["--pipeline", "p.yaml", "--manifest", "x.jsonl", "--out", "y.jsonl"],
+    "prepare librispeech": ["--root", "r", "--out", "o"],
+    "prepare common-voice": ["--root", "r", "--out", "o"],
+    "prepare libriheavy": ["--cuts", "c.jsonl", "--out", "o.jsonl"],
+    "prepare text-corpus": ["--input", "x.jsonl", "--out", "o.jsonl"],
 }
 
 
