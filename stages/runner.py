@@ -86,7 +86,7 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         **{f"skipped/{k}": v for k, v in module.counters.items()},
     }
     if trainer.is_global_zero:
-        module.model.save_pretrained(stage_dir.model)
+        module.model.save_pretrained(stage_dir.model, metrics=metrics)  # the model card shows them
         atomic_write(stage_dir.metrics, json.dumps(metrics, indent=1))
         atomic_write(stage_dir.done, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     # The other ranks go on to the next stage only once this one's export is on disk.
