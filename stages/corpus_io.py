@@ -21,6 +21,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 import soundfile as sf
 
+from speechllm.io import atomic_open
 from speechllm.manifest import ManifestError, write_manifest
 
 T = TypeVar("T")
@@ -70,19 +71,13 @@ def audio_info(path: Path, where: str) -> sf._SoundFileInfo:
 
 
 def write_audio(path: Path, wav: np.ndarray, rate: int) -> bool:
-    """Write a clip whole or not at all (temporary name, then rename); an existing file is kept.
+    """Write a clip whole or not at all (``speechllm.io.atomic_open``); an existing file is kept.
 
     Returns whether the file was written."""
     if path.is_file():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        sf.write(str(tmp), wav, rate, format=path.suffix.lstrip(".").upper())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        sf.write(f, wav, rate, format=path.suffix.lstrip(".").upper())
     return True
 
 
