@@ -151,6 +151,14 @@ def test_each_format_gives_the_clips_texts_words_and_resampled_mono_audio(corpus
     assert [u.id for u in source.items(require_audio=True, limit=3)] == [u.id for u in items[:3]]
 
 
+@pytest.mark.parametrize("name", ["hf_map", "hf_saved_stream"])
+def test_text_from_a_speech_dataset_reads_no_audio(corpus, name):
+    _, sources = corpus
+    # datasets would decode the Audio column (with torchcodec, not installed) if it were left in
+    items = open_source(sources[name]).items(require_audio=False)
+    assert [u.audio for u in items] == [None] * 10 and items[0].text and "audio" not in items[0].meta
+
+
 def test_lhotse_word_times_are_made_relative_to_the_cut(tmp_path):
     rows = clips(tmp_path, 2, seed=5, rate=16000, channels=1)
     path = tmp_path / "cuts.jsonl.gz"

@@ -199,16 +199,6 @@ def source_problems(cfg: Any) -> list[tuple[str, str]]:
     return problems
 
 
-def describe_formats() -> list[str]:
-    """One line per format and option, for help texts and docs."""
-    lines = []
-    for name, fmt in SOURCE_FORMATS.items():
-        lines.append(f"{name}: {fmt.about}" + (f" (extra: {fmt.extra})" if fmt.extra else ""))
-        for opt_name, opt in fmt.options.items():
-            lines.append(f"  {opt_name}={opt.kind.__name__} (default {opt.default!r}): {opt.help}")
-    return lines
-
-
 _STREAMING = Option(bool, False, "read the source as a stream (no random access): for sets too large to load")
 _SHUFFLE = Option(int, 0, "streaming: shuffle with a buffer of this many rows, seeded by seed + epoch (0: stream order)")
 _COLUMNS = {
@@ -246,5 +236,5 @@ register_source_format("tasu", SourceFormat(
     about="TASU's released JSONL: key, task, target, path a line (a Kaldi ark path needs kaldiio)"))
 
 __all__ = ["SOURCE_FORMATS", "BadRow", "Option", "Source", "SourceError", "SourceFormat", "SourceSpec",
-           "describe_formats", "imported", "is_source_string", "missing_requirement", "open_source",
+           "imported", "is_source_string", "missing_requirement", "open_source",
            "parse_source", "register_source_format", "source_keys", "source_problems"]

@@ -154,12 +154,17 @@ class HFSource(Source):
         return cols
 
     def _prepared(self, ds: Any, present: list[str], require_audio: bool) -> tuple[Any, dict[str, str | None]]:
+        """The dataset with its audio column undecoded (``Audio(decode=False)``) and every other ``Audio``
+        column dropped (a text source read from a speech dataset reads no audio at all)."""
         cols = self.columns(present, require_audio)
         audio = cols["audio"]
+        Audio = _datasets().Audio
         features = getattr(ds, "features", None) or {}
-        if audio and isinstance(features.get(audio), _datasets().Audio):
-            ds = ds.cast_column(audio, _datasets().Audio(decode=False))
-        return ds, cols
+        audio_columns = [name for name, feature in features.items() if isinstance(feature, Audio)]
+        for name in audio_columns:  # first: a stream's remove_columns would decode them
+            ds = ds.cast_column(name, Audio(decode=False))
+        unused = [name for name in audio_columns if name != audio]
+        return (ds.remove_columns(unused) if unused else ds), cols
 
     # ------------------------------------------------------------------ rows
 
