@@ -11,6 +11,7 @@ random tiny models (``configs/model/tiny.yaml``) and synthetic data.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -138,6 +139,16 @@ class Workspace:
         return subprocess.Popen(self.command(*extra), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
+    def snapshot(self) -> dict[str, str]:
+        """Every file of the run directory and a digest of its bytes."""
+        return {str(p.relative_to(self.runs)): hashlib.sha1(p.read_bytes()).hexdigest()
+                for p in sorted(self.runs.rglob("*")) if p.is_file()}
+
+    def changed_since(self, before: dict[str, str]) -> list[str]:
+        """The files added, removed or rewritten since ``before``."""
+        after = self.snapshot()
+        return sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+
 
 def last_error(proc) -> str:
     """The CLI's own ``error:`` line, else the last line of stderr."""
@@ -200,27 +211,41 @@ def nan_forever(root: Path) -> Outcome:
     ws.train.write_text("".join(json.dumps({"id": f"nan{i}", "audio": rel, "text": "nan"}) + "\n" for i in range(4)))
     proc = ws.run("trainer.max_nonfinite_steps=3")
     message = last_error(proc)
-    ok = proc.returncode != 0 and "in a row had NaN/inf gradients" in (proc.stderr or "")
-    return Outcome("NaN loss at every step", "stopped with a clear error after 3 skipped steps in a row" if ok else message,
-                   "none (no NaN weights were saved)" if ok else "?", ok)
+    stopped = proc.returncode != 0 and "in a row had NaN/inf gradients" in (proc.stderr or "")
+    ckpt = ws.stage / "checkpoints" / "last.ckpt"
+    weights = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"] if ckpt.is_file() else {}
+    finite = all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
+    ok = stopped and finite and not ws.done()
+    saved = f"last.ckpt holds {len(weights)} finite tensors" if weights else "no checkpoint was written"
+    return Outcome("NaN loss at every step", "stopped with a clear error after 3 skipped steps in a row" if stopped else message,
+                   f"none (no NaN weights were saved: {saved})" if ok else "?", ok)
 
 
-def unknown_key(root: Path) -> Outcome:
-    ws = Workspace(root, "unknown_config_key")
-    proc = ws.run("optim.lrr=0.1")
-    message = last_error(proc)
-    ok = proc.returncode == 2 and "optim.lrr" in message and "command-line override" in message
-    return Outcome("unknown config key", f"error at load time: {message.removeprefix('error: ')}",
-                   "none (nothing ran)", ok and not ws.stage.exists())
-
-
-def missing_model(root: Path) -> Outcome:
-    ws = Workspace(root, "missing_model_path")
-    proc = ws.run("model.llm.from_config=null", "model.llm.pretrained=./no/such/llm")
-    message = last_error(proc)
-    ok = proc.returncode == 2 and "model.llm.pretrained" in message and "does not exist" in message
-    return Outcome("missing model path", f"error before loading: {message.removeprefix('error: ')}",
-                   "none (nothing ran)", ok and not (ws.stage / "checkpoints").exists())
+def config_fault(name: str, folder: str, overrides: tuple[str, ...], expected: tuple[str, ...], *, over_a_run: bool):
+    """A bad command must stop with a clear error before anything runs. ``over_a_run``: over a stage
+    that already holds a checkpoint, every file of which must stay as it was (compared byte by byte);
+    otherwise in a fresh run directory, after which the corrected command must train and finish (a
+    changed model path over a run is refused as a changed config first, hence not tried there)."""
+    def fault(root: Path) -> Outcome:
+        ws = Workspace(root, folder)
+        step = ws.kill_at_step(2) if over_a_run else None
+        before = ws.snapshot() if ws.runs.exists() else {}
+        proc = ws.run(*overrides)
+        message = last_error(proc)
+        ok = proc.returncode == 2 and all(text in message for text in expected)
+        changed = ws.changed_since(before) if ws.runs.exists() else []
+        if over_a_run:
+            kept = not changed and step is not None
+            lost = (f"none (the earlier run's {len(before)} files, last.ckpt of step {step} among them, unchanged)"
+                    if kept else f"? (changed: {', '.join(changed[:3])})")
+        else:
+            fixed = ws.run()
+            kept = fixed.returncode == 0 and ws.done()
+            wrote = f"wrote {', '.join(changed[:3])}" if changed else "wrote nothing"
+            lost = (f"none ({wrote}; the corrected command then trained and finished)" if kept
+                    else f"? ({wrote}; the corrected command: {last_error(fixed)})")
+        return Outcome(name, f"error before anything ran: {message.removeprefix('error: ')}", lost, ok and kept)
+    return fault
 
 
 def context_overflow(root: Path) -> Outcome:
@@ -296,10 +321,14 @@ def disk_full(root: Path) -> Outcome:
                    "none (the previous checkpoint is intact)" if ok else "?", ok)
 
 
+RANK_TIMEOUT_S = 60  # trainer.collective_timeout_s of the two-process job
+RANK_MARGIN_S = 30  # teardown after the timeout; a survivor still running past both is a hang
+
+
 def rank_dies(root: Path) -> Outcome:
     ws = Workspace(root, "rank_failure")
-    args = ("trainer.devices=2", "trainer.strategy=ddp", "trainer.collective_timeout_s=60", "trainer.max_steps=300",
-            "trainer.val_check_interval=300")
+    args = ("trainer.devices=2", "trainer.strategy=ddp", f"trainer.collective_timeout_s={RANK_TIMEOUT_S}",
+            "trainer.max_steps=300", "trainer.val_check_interval=300")
     proc = ws.popen(*args)
     ws.wait_for_step(proc, 4)
     # The job's other processes: the ranks Lightning started, in the session of the one we launched.
@@ -308,8 +337,9 @@ def rank_dies(root: Path) -> Outcome:
     start = time.time()
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
+    bound = RANK_TIMEOUT_S + RANK_MARGIN_S
     try:
-        proc.wait(timeout=180)
+        proc.wait(timeout=bound)
         ended = time.time() - start
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -317,11 +347,18 @@ def rank_dies(root: Path) -> Outcome:
         ended = None
     saved = ws.saved_step()
     rerun = ws.run(*args)
-    ok = bool(victims) and ended is not None and proc.returncode != 0 and rerun.returncode == 0 and ws.done()
-    return Outcome("one rank of two dies (SIGKILL)",
-                   f"rank 0 ended {ended:.0f} s later with an error (not a hang); re-run resumed from step {saved} and "
-                   "finished" if ok else f"victims {victims}, ended {ended}, rerun: {last_error(rerun)}",
-                   "none (last.ckpt intact)" if ok else "?", ok)
+    resumed = "[runner] resuming" in rerun.stdout
+    ok = (bool(victims) and ended is not None and proc.returncode != 0 and saved is not None and resumed
+          and rerun.returncode == 0 and ws.done())
+    if ok:
+        happened = (f"rank 0 ended {ended:.0f} s later with an error (bound: timeout {RANK_TIMEOUT_S} s + "
+                    f"{RANK_MARGIN_S} s); re-run resumed from step {saved} and finished")
+    elif ended is None:
+        happened = f"rank 0 still running {bound} s after rank 1 died (timeout {RANK_TIMEOUT_S} s): a hang"
+    else:
+        happened = f"victims {victims}, ended after {ended:.0f} s (exit {proc.returncode}), rerun: {last_error(rerun)}"
+    return Outcome("one rank of two dies (SIGKILL)", happened,
+                   f"none (the re-run resumed from last.ckpt of step {saved})" if ok else "?", ok)
 
 
 def _garbage(ws: Workspace) -> dict:
@@ -341,8 +378,11 @@ FAULTS = {
     "non-text transcript": bad_manifest_fault("non-text transcript", 42),
     "NaN/inf loss": nan_input,
     "NaN loss at every step": nan_forever,
-    "unknown config key": unknown_key,
-    "missing model path": missing_model,
+    "unknown config key": config_fault("unknown config key", "unknown_config_key", ("optim.lrr=0.1",),
+                                       ("optim.lrr", "command-line override"), over_a_run=True),
+    "missing model path": config_fault("missing model path", "missing_model_path",
+                                       ("model.llm.from_config=null", "model.llm.pretrained=./no/such/llm"),
+                                       ("model.llm.pretrained", "does not exist"), over_a_run=False),
     "sequence longer than the LLM context": context_overflow,
     "disk full while saving": disk_full,
     "SIGKILL during training": kill_during_training,
