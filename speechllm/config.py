@@ -568,18 +568,26 @@ def key_origin(key: str, layers: list[tuple[str, Any]], overrides: list[str] | N
     return "the schema default"
 
 
-def check_model_paths(cfg: ModelConfig) -> None:
-    """A model path that names a local folder must exist: fail before any loading, naming the key.
+def missing_model_paths(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """``(key, problem)`` for each model path that names a local file or folder that does not exist.
 
     Hub ids (``org/name``) are left to transformers, which says whether the Hub was reachable.
     """
     keys = {"model.llm.pretrained": cfg.llm.pretrained, "model.llm.tokenizer": cfg.llm.tokenizer,
             "model.encoder.pretrained": cfg.encoder.pretrained, "model.encoder.ctc_head": cfg.encoder.ctc_head,
             "model.encoder.cps.stats": cfg.encoder.cps.stats if cfg.encoder.cps.matched_share > 0 else None}
+    problems = []
     for key, value in keys.items():
         if value and str(value).startswith((".", "/", "~")) and not Path(value).expanduser().exists():
             hint = " (`make demo` prepares the embedded default's assets)" if ".cache/assets" in str(value) else ""
-            raise ConfigError(f"{key}: {value} does not exist{hint}")
+            problems.append((key, f"{value} does not exist{hint}"))
+    return problems
+
+
+def check_model_paths(cfg: ModelConfig) -> None:
+    """Fail before any loading, naming the key, if a local model path does not exist."""
+    for key, problem in missing_model_paths(cfg)[:1]:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def to_yaml(cfg: Any) -> str:

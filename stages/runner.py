@@ -17,7 +17,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from speechllm.config import ConfigError, StageConfig, load_pipeline, load_stage_config, stage_layers
+from speechllm.config import (
+    ConfigError,
+    StageConfig,
+    load_pipeline,
+    load_stage_config,
+    missing_model_paths,
+    stage_layers,
+)
 from speechllm.io import atomic_write
 from stages.callbacks import StepTimer
 from stages.stage_dir import StageDir, config_diff
@@ -129,6 +136,13 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] | None = None, 
     unknown = set(only or []) - {name for name, _, _ in stages}
     if unknown:
         raise ConfigError(f"{pipeline_path}: no stage named {sorted(unknown)} (have {[n for n, _, _ in stages]})")
+    # The models of every stage that is about to run must be there before the first one starts (and
+    # before its run directory is written), so fixing a path never meets a half-started stage.
+    missing = [f"stage {name!r}: {key}: {problem}" for name, stage_dir, cfg in stages
+               if (not only or name in only) and cfg.enabled and not stage_dir.done.is_file()
+               for key, problem in missing_model_paths(cfg.model)]
+    if missing:
+        raise ConfigError("\n".join(missing))
     results = {}
     rank_zero = is_rank_zero()
     for name, stage_dir, cfg in stages:

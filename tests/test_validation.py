@@ -98,3 +98,10 @@ def test_shipped_pipelines_pass_validation(repo):
     for path in sorted((repo / "configs" / "pipeline").glob("*.yaml")):
         for _, _, cfg in runner.resolve_stage_configs(path, []):
             assert cfg.kind
+
+
+def test_a_missing_model_path_fails_before_the_run_directory_is_written(tmp_path, repo, nothing_may_run):
+    path = pipeline(tmp_path, repo, "      model: {llm: {from_config: null, pretrained: ./no/such/llm}}\n")
+    with pytest.raises(ConfigError, match=r"stage 's': model.llm.pretrained: ./no/such/llm does not exist"):
+        runner.run_pipeline(path, [], run_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()  # so the corrected command starts cleanly, not as a changed config
