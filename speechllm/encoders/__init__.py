@@ -11,12 +11,12 @@ contract every stage relies on.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from speechllm.config import EncoderConfig
 from speechllm.encoders.base import SpeechEncoder, UnifiedEncoder
+from speechllm.registry import Registry, imported
 
 # EncoderConfig fields every kind reads (or may ignore): a kind's ``fields`` lists only the others.
 COMMON_FIELDS = ("kind", "pretrained", "from_config", "init_seed", "sample_rate")
@@ -33,15 +33,8 @@ class EncoderKind:
     about: str = ""  # one line for listings and error messages
 
 
-ENCODER_KINDS: dict[str, EncoderKind] = {}
-
-
-def register_encoder(name: str, kind: EncoderKind) -> EncoderKind:
-    """Make ``encoder.kind: <name>`` build ``kind``; a name is registered once."""
-    if name in ENCODER_KINDS and ENCODER_KINDS[name] != kind:
-        raise ValueError(f"encoder kind {name!r} is already registered")
-    ENCODER_KINDS[name] = kind
-    return kind
+ENCODER_KINDS: Registry[EncoderKind] = Registry("encoder kind")
+register_encoder = ENCODER_KINDS.register  # makes ``encoder.kind: <name>`` build that kind
 
 
 def encoder_kind(name: str) -> EncoderKind:
@@ -58,18 +51,6 @@ def kinds_with(capability: str) -> list[str]:
 
 def build_encoder(cfg: EncoderConfig) -> SpeechEncoder:
     return encoder_kind(cfg.kind).build(cfg)
-
-
-def imported(target: str) -> Callable[[EncoderConfig], SpeechEncoder]:
-    """The builder ``"module:function"``, imported on first use (transformers' model code is slow to
-    import, and listing the kinds or checking a config should not pay for it)."""
-    module, name = target.split(":")
-
-    def build(cfg: EncoderConfig) -> SpeechEncoder:
-        return getattr(importlib.import_module(module), name)(cfg)
-
-    build.__qualname__ = target
-    return build
 
 
 register_encoder("ctc", EncoderKind(

@@ -26,7 +26,6 @@ source (``Source.streaming``) has no random access and gives each rank its shard
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import re
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+from speechllm.registry import Registry, imported
 from speechllm.sources.base import BadRow, Source, SourceError
 
 _FORMAT = re.compile(r"^([A-Za-z][A-Za-z0-9_-]+):(.*)$", re.DOTALL)
@@ -73,27 +73,8 @@ class SourceSpec:
         return self.text
 
 
-SOURCE_FORMATS: dict[str, SourceFormat] = {}
-
-
-def register_source_format(name: str, fmt: SourceFormat) -> SourceFormat:
-    """Make ``name:LOCATION`` open ``fmt``; a name is registered once."""
-    if name in SOURCE_FORMATS and SOURCE_FORMATS[name] != fmt:
-        raise ValueError(f"source format {name!r} is already registered")
-    SOURCE_FORMATS[name] = fmt
-    return fmt
-
-
-def imported(target: str) -> Callable[[SourceSpec], Source]:
-    """The opener ``"module:Class"``, imported on first use (``datasets`` is slow to import, and a
-    config check should not pay for it)."""
-    module, name = target.split(":")
-
-    def open_(spec: SourceSpec) -> Source:
-        return getattr(importlib.import_module(module), name)(spec)
-
-    open_.__qualname__ = target
-    return open_
+SOURCE_FORMATS: Registry[SourceFormat] = Registry("source format")
+register_source_format = SOURCE_FORMATS.register  # makes ``name:LOCATION`` open that format
 
 
 def is_source_string(text: str) -> bool:
