@@ -78,13 +78,19 @@ class Utterance:
 _KNOWN = {"id", "text", "audio", "audio_filepath", "duration", "target", "task", "speaker", "words"}
 
 
-def _parse_line(raw: str, where: str, base: Path, require_audio: bool) -> Utterance:
+def json_object(raw: str, where: str) -> dict[str, Any]:
+    """One JSONL line as a dict; a ManifestError naming ``where`` (``file:line``) if it is not one."""
     try:
         item = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{where}: not valid JSON ({err.msg})") from None
     if not isinstance(item, dict):
         raise ManifestError(f"{where}: a line must be a JSON object")
+    return item
+
+
+def _parse_line(raw: str, where: str, base: Path, require_audio: bool) -> Utterance:
+    item = json_object(raw, where)
 
     def fail(name: str, why: str) -> ManifestError:
         return ManifestError(f"{where}: field '{name}' {why}")
@@ -150,11 +156,15 @@ def load_manifest(path: str | Path, require_audio: bool = False) -> list[Utteran
     return items
 
 
+def manifest_text(rows: list[dict[str, Any]]) -> str:
+    """The JSONL text of ``rows``, exactly as ``write_manifest`` writes it."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write JSONL atomically (a killed writer never leaves half a manifest)."""
     with atomic_open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(manifest_text(rows))
 
 
 def load_audio(path: Path | AudioRef, sample_rate: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import heapq
-import json
 import os
 import random
 import re
@@ -22,7 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from speechllm.io import atomic_open
-from speechllm.manifest import ManifestError, write_manifest
+from speechllm.manifest import ManifestError, json_object, manifest_text, write_manifest
 
 T = TypeVar("T")
 
@@ -38,11 +37,6 @@ def open_text(path: Path) -> IO[str]:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
     return path.open(encoding="utf-8")
-
-
-def manifest_text(rows: list[dict[str, Any]]) -> str:
-    """The exact bytes ``write_manifest`` writes for ``rows``."""
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_if_changed(path: Path, rows: list[dict[str, Any]]) -> bool:
@@ -134,13 +128,7 @@ def iter_json_lines(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(item, dict):
-            raise CorpusError(f"{where}: a line must be a JSON object")
-        yield lineno, where, item
+        yield lineno, where, json_object(line, where)
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:

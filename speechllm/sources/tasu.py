@@ -10,13 +10,12 @@ line fails with file, line and field; audio is taken at its own rate and resampl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from speechllm.manifest import AudioRef, Utterance
+from speechllm.manifest import AudioRef, ManifestError, Utterance, json_object
 from speechllm.sources.base import BadRow, FileAudio, Source, SourceError, optional_text, resolve, text_field
 
 _KNOWN = ("key", "task", "target", "path")
@@ -60,11 +59,9 @@ class TASUSource(Source):
 
     def _row(self, raw: str, where: str, base: Path, require_audio: bool) -> Utterance | BadRow:
         try:
-            item = json.loads(raw)
-        except json.JSONDecodeError as err:
-            return BadRow("bad_row", f"{where}: not valid JSON ({err.msg})")
-        if not isinstance(item, dict):
-            return BadRow("bad_row", f"{where}: a line must be a JSON object")
+            item = json_object(raw, where)
+        except ManifestError as err:
+            return BadRow("bad_row", str(err))
         if "key" not in item:
             return BadRow("bad_row", f"{where}: field 'key' is missing")
         target = text_field(where, "target", item.get("target"))
