@@ -89,6 +89,11 @@ class Schedule(Choice):
     wsd = "wsd"
 
 
+class LossKernel(Choice):
+    torch = "torch"  # our chunked loss (speechllm.losses), everywhere
+    liger = "liger"  # Liger-Kernel's fused linear cross-entropy / JSD on CUDA; torch elsewhere
+
+
 # --------------------------------------------------------------------------------------- model
 
 
@@ -205,6 +210,13 @@ class ModelConfig:
     loss_chunk_size: int = setting(
         1024, "the LM head runs on this many positions at a time (checkpointed), so a 152k vocabulary "
         "never holds a (positions x vocabulary) tensor; 0 = all at once")
+    loss_kernel: LossKernel = setting(
+        LossKernel.torch, "torch: our chunked LM/distillation loss | liger: Liger-Kernel's fused linear kernels "
+        "on CUDA (pip install liger-kernel), falling back to torch on other devices")
+    pack_sequences: bool = setting(
+        False, "train on padding-free batches: a batch's rows are concatenated into one row, position ids "
+        "restart per row and attention stays within it (variable-length flash attention on GPU, a "
+        "block-diagonal mask elsewhere)")
 
 
 # --------------------------------------------------------------------------------------- stage
