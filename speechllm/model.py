@@ -6,7 +6,9 @@ rows are ``[prompt prefix | speech | prompt suffix | target | EOS]``; the distil
 the same rows with the transcript's tokens in the speech slots; SALAD's interleaved rows alternate
 text and speech spans. Rows are left-padded, position ids follow the attention mask, and the LM head
 runs only on the positions that predict a labelled token (:mod:`speechllm.losses`, chunked over
-positions), so memory never holds a (length x vocabulary) tensor.
+positions), so memory never holds a (length x vocabulary) tensor. With ``model.pack_sequences`` the
+forwards that score labelled tokens read a batch's rows end to end in one row instead, without padding
+(:meth:`SpeechLLM.pack`); generation stays left-padded.
 """
 
 from __future__ import annotations
@@ -208,6 +210,23 @@ class SpeechLLM(nn.Module):
             out["labels"] = lab.to(device)
         return out
 
+    def pack(self, rows: list[list[int]], labels: list[list[int]], speech: torch.Tensor | None = None, *,
+             llm=None) -> dict[str, torch.Tensor | None]:
+        """The rows end to end in one row (batch 1, no padding): :meth:`splice`'s inputs with position
+        ids restarting at 0 for each row and no attention mask.
+
+        From the restarting position ids (with no mask and no cache) transformers confines attention to
+        each row: a block-diagonal causal mask for sdpa/eager, variable-length flash attention. A row's
+        first token is never labelled: in one row, the previous row's last position would predict it.
+        """
+        one_row = [token for row in rows for token in row]
+        one_label_row = [t for lab in labels if lab for t in [IGNORE_INDEX, *lab[1:]]]
+        inputs = self.splice([one_row], [one_label_row], speech, llm=llm)
+        positions = torch.cat([torch.arange(len(row)) for row in rows])
+        inputs["position_ids"] = positions[None].to(inputs["inputs_embeds"].device)
+        inputs["attention_mask"] = None
+        return inputs
+
     # ----------------------------------------------------------------------------- forward
 
     def llm_is_frozen(self) -> bool:
@@ -229,12 +248,18 @@ class SpeechLLM(nn.Module):
         """Final hidden states (N, d) at the positions that predict a labelled token, and those tokens.
 
         Row-major order: two row sets with the same labelled tokens (a student on speech, the teacher
-        on text) give aligned pairs.
+        on text) give aligned pairs, padded or packed (``model.pack_sequences``: :meth:`pack`). Packed
+        rows never use the prompt prefix's cached keys/values (``prompt.cache_prefix``): one cached prefix
+        would sit before the first row only, and a cache turns off transformers' detection of packed rows.
         """
         llm = llm or self.llm
-        use_cache = (self.cfg.prompt.cache_prefix and not llm.training and not any(p.requires_grad for p in llm.parameters())
+        use_cache = (self.cfg.prompt.cache_prefix and not self.cfg.pack_sequences and not llm.training
+                     and not any(p.requires_grad for p in llm.parameters())
                      and all(r[: len(self.prompt.prefix_ids)] == self.prompt.prefix_ids for r in rows))
-        inputs = self.splice(rows, labels, speech, skip_prefix=use_cache, llm=llm)
+        if self.cfg.pack_sequences:
+            inputs = self.pack(rows, labels, speech, llm=llm)
+        else:
+            inputs = self.splice(rows, labels, speech, skip_prefix=use_cache, llm=llm)
         label_ids = inputs.pop("labels")
         if use_cache:  # [cached prefix | left padding | rest]
             inputs["past_key_values"] = self.prefix_cache(len(rows), llm)
