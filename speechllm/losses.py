@@ -7,12 +7,19 @@ and teacher, plus their log-softmax copies, do not fit in memory, so :func:`lm_l
 states and the LM head(s) and computes the logits chunk by chunk. Each chunk runs under non-reentrant
 activation checkpointing: its (chunk, V) tensors are freed after the forward and recomputed in backward,
 so the extra memory is O(chunk x V) instead of O(N x V).
+
+The computation is one of :data:`KERNELS`: ``torch`` (the above, everywhere) or ``liger`` (Liger-Kernel's fused
+linear cross-entropy, and its chunked fused linear JSD for a teacher, on CUDA). Inputs a kernel cannot compute
+(CPU tensors, liger-kernel missing, a quantised head, no positions) fall back to ``torch``, warning once per reason.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -85,10 +92,149 @@ def _chunk_sums(student_hidden: Tensor, targets: Tensor, teacher_hidden: Tensor 
     return nll_sum, _divergence_rows(teacher_log_probs, student_log_probs, direction).sum()
 
 
+@dataclass(frozen=True)
+class LossInputs:
+    """What :func:`lm_loss` was asked, validated; the teacher's hidden states detached, its head resolved."""
+
+    student_hidden: Tensor
+    lm_head: torch.nn.Module
+    targets: Tensor
+    teacher_hidden: Tensor | None
+    teacher_head: torch.nn.Module
+    alpha: float
+    direction: str
+    temperature: float
+    scale_by_t2: bool
+    chunk_size: int
+
+    @property
+    def n(self) -> int:
+        return self.student_hidden.shape[0]
+
+    @property
+    def t2(self) -> float:
+        """The factor on the divergence: T^2 with ``scale_by_t2``, else 1."""
+        return self.temperature**2 if self.scale_by_t2 else 1.0
+
+
+def _torch_terms(inputs: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, ce, kl) by our chunked, checkpointed path (or all at once with chunk_size 0)."""
+    sums = partial(_chunk_sums, lm_head=inputs.lm_head, teacher_head=inputs.teacher_head,
+                   direction=inputs.direction, temperature=inputs.temperature)
+    if inputs.chunk_size == 0:
+        nll_sum, div_sum = sums(inputs.student_hidden, inputs.targets, inputs.teacher_hidden)
+    else:
+        nll_sum = div_sum = 0.0
+        # At least one (possibly empty) chunk, so N == 0 still yields a graph through the head.
+        for start in range(0, max(inputs.n, 1), inputs.chunk_size):
+            rows = slice(start, start + inputs.chunk_size)
+            teacher_rows = None if inputs.teacher_hidden is None else inputs.teacher_hidden[rows]
+            chunk_nll, chunk_div = checkpoint(sums, inputs.student_hidden[rows], inputs.targets[rows], teacher_rows,
+                                              use_reentrant=False)
+            nll_sum, div_sum = nll_sum + chunk_nll, div_sum + chunk_div
+    count = max(inputs.n, 1)  # N == 0: the sums are graph-connected zeros, so the means are too
+    ce = nll_sum / count
+    kl = div_sum / count * inputs.t2
+    return inputs.alpha * kl + (1.0 - inputs.alpha) * ce, ce, kl
+
+
+# Liger's generalised JSD: beta 0 is KL(teacher || student), beta 1 KL(student || teacher), 0.5 the JSD.
+_LIGER_JSD_BETA = {"forward": 0.0, "reverse": 1.0, "jsd": 0.5}
+_LIGER_IGNORE_INDEX = -100  # no target of ours is negative: every row counts
+
+
+def _is_dense_linear(head: torch.nn.Module) -> bool:
+    """A plain float ``nn.Linear`` whose weight is the whole (out, in) matrix: not quantised, sharded or adapted."""
+    return (isinstance(head, torch.nn.Linear) and head.weight.is_floating_point()
+            and tuple(head.weight.shape) == (head.out_features, head.in_features))
+
+
+@cache
+def _liger_import_error() -> str | None:
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+        import liger_kernel.transformers  # noqa: F401  (needs triton)
+    except ImportError as err:
+        return f"liger-kernel not installed ({err}): pip install liger-kernel"
+    return None
+
+
+def _liger_unavailable(inputs: LossInputs) -> str | None:
+    """Why Liger cannot compute these inputs (None: it can)."""
+    if inputs.student_hidden.device.type != "cuda":
+        return "no CUDA device"
+    if inputs.n == 0:
+        return "no positions (Liger's kernels divide by the row count)"
+    heads = {"lm_head": inputs.lm_head}
+    if inputs.teacher_hidden is not None:
+        heads["teacher_head"] = inputs.teacher_head
+    for role, head in heads.items():
+        if not _is_dense_linear(head):
+            return f"{role} is a {type(head).__name__}, not a dense torch.nn.Linear"
+    return _liger_import_error()
+
+
+def _liger_ce_terms(inputs: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
+    """No teacher: Liger's fused linear cross-entropy (Triton), never holding a (chunk, V) logits tensor."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    head = inputs.lm_head
+    ce = LigerFusedLinearCrossEntropyLoss(ignore_index=_LIGER_IGNORE_INDEX)(
+        head.weight, inputs.student_hidden, inputs.targets, head.bias)
+    return ce, ce, ce.new_zeros(())
+
+
+def _liger_distillation_terms(inputs: LossInputs, compiled: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """A teacher: Liger's chunked fused linear JSD, whose generalised JSD covers all three directions.
+
+    It returns the weighted loss and, detached, its CE and divergence terms; gradients flow through the loss
+    only (Liger computes them chunk by chunk in the forward). ``compiled``: Liger's torch.compile of a chunk.
+    """
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    student, teacher = inputs.lm_head, inputs.teacher_head
+    loss, divergence, ce = LigerFusedLinearJSDFunction.apply(
+        inputs.student_hidden, student.weight, inputs.teacher_hidden, teacher.weight, inputs.targets,
+        student.bias, teacher.bias, 1.0 - inputs.alpha, inputs.alpha * inputs.t2, _LIGER_JSD_BETA[inputs.direction],
+        _LIGER_IGNORE_INDEX, inputs.temperature, compiled, inputs.chunk_size or inputs.n, True)
+    return loss, ce.detach(), divergence.detach() * inputs.t2
+
+
+def _liger_terms(inputs: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
+    if inputs.teacher_hidden is None:
+        return _liger_ce_terms(inputs)
+    return _liger_distillation_terms(inputs)
+
+
+@dataclass(frozen=True)
+class LossKernelImpl:
+    """One way to compute (loss, ce, kl): ``unavailable`` says why it cannot for some inputs (None: it can)."""
+
+    terms: Callable[[LossInputs], tuple[Tensor, Tensor, Tensor]]
+    unavailable: Callable[[LossInputs], str | None] = lambda inputs: None
+
+
+KERNELS = {"torch": LossKernelImpl(_torch_terms), "liger": LossKernelImpl(_liger_terms, _liger_unavailable)}
+_warned_fallbacks: set[tuple[str, str]] = set()
+
+
+def _kernel_for(name: str, inputs: LossInputs) -> LossKernelImpl:
+    """The kernel ``name`` where it can compute ``inputs``, else the torch one (warning once per reason)."""
+    kernel = KERNELS[name]
+    reason = kernel.unavailable(inputs)
+    if reason is None:
+        return kernel
+    if (name, reason) not in _warned_fallbacks:
+        _warned_fallbacks.add((name, reason))
+        warnings.warn(f"loss kernel {name!r} unavailable: {reason}; using the torch chunked loss",
+                      RuntimeWarning, stacklevel=3)
+    return KERNELS["torch"]
+
+
 def lm_loss(student_hidden: Tensor, lm_head: torch.nn.Module, targets: Tensor, *,
             teacher_hidden: Tensor | None = None, teacher_head: torch.nn.Module | None = None,
             alpha: float = 0.0, direction: str = "forward", temperature: float = 1.0,
-            scale_by_t2: bool = False, chunk_size: int = 1024) -> dict[str, Tensor]:
+            scale_by_t2: bool = False, chunk_size: int = 1024, kernel: str = "torch") -> dict[str, Tensor]:
     """Token-mean ``alpha * divergence + (1 - alpha) * NLL`` over N aligned positions.
 
     ``student_hidden`` and ``teacher_hidden`` are (N, d) final hidden states (after the LLM's final norm);
@@ -96,7 +242,11 @@ def lm_loss(student_hidden: Tensor, lm_head: torch.nn.Module, targets: Tensor, *
     ``ce`` (student NLL at temperature 1, always), ``kl`` (divergence at ``temperature``, times T^2 when
     ``scale_by_t2``; 0 without a teacher) and ``n_tokens``. ``chunk_size`` 0 computes all positions at
     once without checkpointing (the reference path); > 0 checkpoints each chunk of that many positions.
+    ``kernel`` (:data:`KERNELS`): ``torch``, or ``liger`` (Liger-Kernel's fused linear losses on CUDA, where
+    only ``loss`` carries gradient); inputs a kernel cannot compute fall back to ``torch`` with a warning.
     """
+    if str(kernel) not in KERNELS:
+        raise ValueError(f"unknown loss kernel {kernel!r}; expected one of {tuple(KERNELS)}")
     if student_hidden.dim() != 2:
         raise ValueError(f"student_hidden must be (N, d), got shape {tuple(student_hidden.shape)}")
     n = student_hidden.shape[0]
@@ -114,26 +264,9 @@ def lm_loss(student_hidden: Tensor, lm_head: torch.nn.Module, targets: Tensor, *
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0 = no chunking), got {chunk_size}")
 
-    if teacher_hidden is not None:
-        teacher_hidden = teacher_hidden.detach()
-    sums = partial(_chunk_sums, lm_head=lm_head, teacher_head=lm_head if teacher_head is None else teacher_head, direction=direction,
-                   temperature=temperature)
-    if chunk_size == 0:
-        nll_sum, div_sum = sums(student_hidden, targets, teacher_hidden)
-    else:
-        nll_sum = div_sum = 0.0
-        # At least one (possibly empty) chunk, so N == 0 still yields a graph through the head.
-        for start in range(0, max(n, 1), chunk_size):
-            rows = slice(start, start + chunk_size)
-            teacher_rows = None if teacher_hidden is None else teacher_hidden[rows]
-            chunk_nll, chunk_div = checkpoint(sums, student_hidden[rows], targets[rows], teacher_rows,
-                                              use_reentrant=False)
-            nll_sum, div_sum = nll_sum + chunk_nll, div_sum + chunk_div
-
-    count = max(n, 1)  # N == 0: the sums are graph-connected zeros, so the means are too
-    ce = nll_sum / count
-    kl = div_sum / count
-    if scale_by_t2:
-        kl = kl * temperature**2
-    loss = alpha * kl + (1.0 - alpha) * ce
+    inputs = LossInputs(student_hidden, lm_head, targets,
+                        None if teacher_hidden is None else teacher_hidden.detach(),
+                        lm_head if teacher_head is None else teacher_head,
+                        alpha, direction, temperature, scale_by_t2, chunk_size)
+    loss, ce, kl = _kernel_for(str(kernel), inputs).terms(inputs)
     return {"loss": loss, "ce": ce, "kl": kl, "n_tokens": torch.tensor(n, device=student_hidden.device)}

@@ -1,13 +1,18 @@
-"""speechllm.losses: divergences against plain-Python loops, chunked lm_loss against the unchunked path."""
+"""speechllm.losses: divergences against plain-Python loops, chunked lm_loss against the unchunked path, the
+liger kernel against the torch one (its fallback on CPU; its numbers on CUDA)."""
 
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from speechllm import losses
+from speechllm.config import LossKernel
 from speechllm.losses import lm_loss, token_divergence
 
 N, D, V = 10, 8, 50
@@ -243,3 +248,101 @@ def test_bad_inputs_name_the_field():
         lm_loss(student, head, targets, teacher_hidden=teacher, alpha=1.5)
     with pytest.raises(ValueError, match="chunk_size"):
         lm_loss(student, head, targets, chunk_size=-1)
+
+
+# --------------------------------------------------------------------------------------- kernels
+
+
+def _distillation_kwargs(teacher, teacher_head, **overrides):
+    return dict(teacher_hidden=teacher, teacher_head=teacher_head, alpha=0.5, direction="jsd", temperature=1.5,
+                scale_by_t2=True, chunk_size=4) | overrides
+
+
+def test_liger_on_cpu_falls_back_to_the_torch_values_and_warns_once(monkeypatch):
+    monkeypatch.setattr(losses, "_warned_fallbacks", set())
+    head, teacher_head, student, teacher, targets = _inputs(seed=10)
+    kwargs = _distillation_kwargs(teacher, teacher_head)
+    want_values, want_grads = _values_and_grads(lm_loss(student, head, targets, **kwargs), student, head)
+    with pytest.warns(RuntimeWarning, match="'liger' unavailable: no CUDA device; using the torch") as record:
+        outs = [lm_loss(student, head, targets, kernel=LossKernel.liger, **kwargs),  # the config's enum
+                lm_loss(student, head, targets, kernel="liger", **kwargs)]
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    for out in outs:
+        values, grads = _values_and_grads(out, student, head)
+        for got, want in zip(values + list(grads), want_values + list(want_grads)):
+            assert torch.equal(got, want)
+
+
+def test_liger_missing_names_the_install_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # None in sys.modules: its import raises ImportError
+    losses._liger_import_error.cache_clear()
+    try:
+        assert "liger-kernel not installed" in losses._liger_import_error()
+        assert losses._liger_import_error().endswith("pip install liger-kernel")
+    finally:
+        losses._liger_import_error.cache_clear()
+
+
+def test_unknown_kernel_is_refused():
+    head, _, student, _, targets = _inputs(seed=11)
+    with pytest.raises(ValueError, match=r"'cudnn'.*torch.*liger"):
+        lm_loss(student, head, targets, kernel="cudnn")
+
+
+@pytest.mark.parametrize("direction,temperature,alpha,scale_by_t2",
+                         [("forward", 1.0, 1.0, False), ("reverse", 2.0, 0.5, True), ("jsd", 1.5, 0.3, True),
+                          ("forward", 1.0, 0.0, False)])
+def test_liger_distillation_maps_direction_temperature_and_weights_onto_ours(direction, temperature, alpha,
+                                                                             scale_by_t2):
+    # Liger's chunked fused linear JSD is plain torch: on CPU, uncompiled, in float32 it must give our numbers.
+    pytest.importorskip("liger_kernel.chunked_loss")
+    head, teacher_head, student, teacher, targets = _inputs(seed=12)
+    teacher_head = torch.nn.Linear(D, V).requires_grad_(False)  # a teacher bias too
+    inputs = losses.LossInputs(student, head, targets, teacher, teacher_head, alpha, direction, temperature,
+                               scale_by_t2, chunk_size=4)
+    for got, want in zip(losses._liger_distillation_terms(inputs, compiled=False), losses._torch_terms(inputs)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)  # seen <= 2e-7
+    liger_grads = torch.autograd.grad(losses._liger_distillation_terms(inputs, compiled=False)[0],
+                                      [student, head.weight, head.bias])
+    torch_grads = torch.autograd.grad(losses._torch_terms(inputs)[0], [student, head.weight, head.bias])
+    for got, want in zip(liger_grads, torch_grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _peaked_bf16_inputs(n: int = 512, d: int = 64, vocab: int = 32000):
+    """bf16 on CUDA: peaked logits (std ~3), a student close to its teacher (as after some distillation)."""
+    g = torch.Generator().manual_seed(13)
+    head = torch.nn.Linear(d, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, d, generator=g) * 3 / d**0.5)
+    teacher = torch.randn(n, d, generator=g)
+    student = teacher + 0.3 * torch.randn(n, d, generator=g)
+    targets = torch.randint(vocab, (n,), generator=g)
+    cuda = dict(device="cuda", dtype=torch.bfloat16)
+    return (head.to(**cuda), student.to(**cuda).requires_grad_(True), teacher.to(**cuda), targets.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel's fused losses need a CUDA device")
+@pytest.mark.parametrize("alpha,direction", [(0.0, None), (1.0, "forward"), (0.5, "forward"), (1.0, "reverse"),
+                                             (1.0, "jsd"), (0.5, "jsd")])
+def test_liger_equals_torch_on_cuda_within_bf16_tolerance(alpha, direction):
+    pytest.importorskip("liger_kernel.transformers")
+    head, student, teacher, targets = _peaked_bf16_inputs()
+    kwargs = dict(chunk_size=256) if direction is None else dict(
+        teacher_hidden=teacher, alpha=alpha, direction=direction, temperature=1.0, chunk_size=256)
+    results = {}
+    for kernel in ("torch", "liger"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback would compare torch with itself
+            out = lm_loss(student, head, targets, kernel=kernel, **kwargs)
+        results[kernel] = [out[k].item() for k in ("loss", "ce", "kl")], torch.autograd.grad(
+            out["loss"], [student, head.weight])
+    (want, want_grads), (got, got_grads) = results["torch"], results["liger"]
+    # Tolerances, from the same comparison on CPU (Liger's JSD uncompiled, bf16): the CE agrees to ~1e-7
+    # relative; Liger takes the divergence's log-softmax in bf16 where we take it in float32, so the divergence
+    # differs by up to 1.3e-2 nats (jsd; forward 4e-4) and the gradients by up to 3.4e-2 in relative norm.
+    assert got[1] == pytest.approx(want[1], rel=2e-3), "ce"
+    assert got[2] == pytest.approx(want[2], abs=2e-2), "kl"
+    assert got[0] == pytest.approx(want[0], rel=2e-3, abs=2e-2), "loss"
+    for g, w in zip(got_grads, want_grads):
+        assert float((g.float() - w.float()).norm() / w.float().norm()) < 5e-2
