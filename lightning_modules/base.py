@@ -8,6 +8,7 @@ import math
 import random
 import time
 import zlib
+from functools import wraps
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from safetensors.torch import load_file
 
 from lightning_modules.evaluation import EvaluationMixin
 from speechllm.config import OptimConfig, SourceKind, StageConfig
+from speechllm.distributed import all_ranks
 from speechllm.model import SpeechLLM
+from speechllm.sharding import local_tensor
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -40,6 +43,22 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
         raise ValueError(f"unknown optim.schedule {cfg.schedule!r} (constant | cosine | wsd)")
 
     return factor
+
+
+def inside(root, step):
+    """``step`` run inside ``root``'s forward (a function of its own, as Lightning reads its code)."""
+    @wraps(step)
+    def run(*args, **kwargs):
+        return root(step, *args, **kwargs)
+    return run
+
+
+def exported_trainable(directory: str) -> dict[str, torch.Tensor]:
+    """A stage export's trained weights (``init_from``)."""
+    path = Path(directory) / "trainable.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} not found (is the previous stage DONE?)")
+    return load_file(str(path))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,8 +91,10 @@ class SpeechLLMModule(EvaluationMixin):
         self.cfg = cfg
         self.stage_dir = Path(stage_dir) if stage_dir else None
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
-        self.model = SpeechLLM.build(cfg.model)
-        if cfg.init_from:
+        # Under FSDP every rank builds the LLM empty; configure_model shards it and fills the shards.
+        self.model = SpeechLLM.build(cfg.model, empty_llm=self.sharded)
+        self._step_root = None
+        if cfg.init_from and not self.sharded:
             self.init_from(cfg.init_from)
         # Checkpoints hold trainable weights only; the frozen parts come from their ids on load.
         self.strict_loading = False
@@ -82,12 +103,29 @@ class SpeechLLMModule(EvaluationMixin):
         self._seeded_step, self._micro_batch = -1, 0
         self.counters = {"nonfinite_steps": 0, "truncated_to_context": 0}
 
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.trainer.strategy == "fsdp"
+
+    def configure_model(self) -> None:
+        """Under FSDP (Lightning calls this once the processes and the device mesh exist): shard the
+        model, fill the shards from rank 0, and run every step inside the FSDP root (speechllm.sharding)."""
+        if not self.sharded or self._step_root is not None:
+            return
+        from speechllm.sharding import rank0_weights, shard
+
+        weights = {}
+        if self.global_rank == 0:
+            weights = rank0_weights(self.model)
+            if self.cfg.init_from:
+                weights.update(exported_trainable(self.cfg.init_from))
+        self._step_root = shard(self.model, self.device_mesh["data_parallel"], weights, self.device)
+        for name in ("training_step", "validation_step", "test_step"):
+            setattr(self, name, inside(self._step_root, getattr(self, name)))
+
     def init_from(self, directory: str) -> None:
         """Start from a previous stage's exported trainable weights (not a resume)."""
-        path = Path(directory) / "trainable.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from: {path} not found (is the previous stage DONE?)")
-        self.model.load_trainable(load_file(str(path)), str(path))
+        self.model.load_trainable(exported_trainable(directory), directory)
 
     def sample_generators(self, batch: dict) -> list[torch.Generator]:
         """One generator per sample, seeded by its source and draw number: a sample's random input
@@ -125,13 +163,15 @@ class SpeechLLMModule(EvaluationMixin):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Skip a step whose gradients hold NaN/inf instead of poisoning the weights.
 
-        Gradients are already all-reduced here, so every rank takes the same decision without an
-        extra collective. Dropping them (``grad = None``) makes AdamW leave each parameter, its
+        Under DDP gradients are already all-reduced here, so every rank takes the same decision without
+        an extra collective; under FSDP each holds a shard and one all-reduce of the verdict decides. Dropping them (``grad = None``) makes AdamW leave each parameter, its
         moments and its step count untouched; the step still counts, so the data position and the
         LR schedule stay functions of the step.
         """
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [local_tensor(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if self.sharded:  # each rank holds a shard of the gradients: decide together
+            finite = all_ranks(finite)
         if finite:
             self._bad_steps_in_a_row = 0
             return
@@ -194,12 +234,17 @@ class SpeechLLMModule(EvaluationMixin):
 
         The LLM (and any LoRA on it) is in every step's graph, the projector not always: a batch whose
         rows hold no speech vector (plain text, an interleaving with no speech span) leaves it out, so
-        backward would fail with a frozen LLM and DDP ranks would disagree on the parameters used. A
-        zero-weighted sum of the projector keeps every step the same shape; loss and gradients are
-        unchanged.
+        backward would fail with a frozen LLM and DDP ranks would disagree on the parameters used. The
+        projector's output on one zero input, weighted zero, keeps every step the same shape; loss and
+        gradients are unchanged. It is a call of the projector, not a sum of its weights, so that under
+        FSDP the weights are gathered as for any other use.
         """
         self.log_step(out, batch)
-        return out["loss"] + sum(p.sum() for p in self.model.projector.parameters()) * 0.0
+        projector = self.model.projector
+        frames = projector.stack
+        zero, _ = projector(out["loss"].new_zeros(1, frames, self.model.encoder.output_dim),
+                            torch.tensor([frames], device=out["loss"].device))
+        return out["loss"] + zero.sum() * 0.0
 
     def log_step(self, out: dict, batch: dict) -> None:
         """Loss terms, throughput (samples/s, LLM tokens/s), the data mixture and truncations of a step."""

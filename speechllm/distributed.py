@@ -28,3 +28,14 @@ def all_gather_objects(obj: Any) -> list[Any]:
     parts: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, obj)
     return parts
+
+
+def all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (each rank may have seen only its shard of something)."""
+    if not initialized():
+        return flag
+    value = torch.tensor(int(flag))
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())

@@ -39,8 +39,27 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def build_llm(cfg: LLMConfig):
-    """Return ``(model, tokenizer)``; the model is frozen unless ``freeze: false``, LoRA applied if enabled."""
+def _weights_are_meta() -> bool:
+    """Whether parameters created now land on the meta device (inside ``init_empty_weights``)."""
+    return torch.nn.Linear(1, 1).weight.is_meta
+
+
+def build_llm(cfg: LLMConfig, *, empty: bool = False):
+    """Return ``(model, tokenizer)``; the model is frozen unless ``freeze: false``, LoRA applied if enabled.
+
+    ``empty``: the weights on the meta device (no memory, nothing read but the config), buffers real:
+    what every FSDP rank builds before sharding, the values then arriving shard by shard
+    (:mod:`speechllm.sharding`).
+    """
+    if empty:
+        if cfg.load_in_4bit or cfg.load_in_8bit:
+            raise ValueError("trainer.strategy fsdp shards full-precision weights: set llm.load_in_4bit/load_in_8bit false")
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model, tokenizer = build_llm(cfg)
+        model.tie_weights()  # the meta-device hook re-creates every parameter, so tied ones come apart
+        return model, tokenizer
     if cfg.from_config is not None:
         tokenizer = build_char_tokenizer(cfg.char_alphabet)
         kwargs = plain(cfg.from_config)
@@ -66,9 +85,13 @@ def build_llm(cfg: LLMConfig):
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         if cfg.attn_implementation:
             extra["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, dtype=_dtype(cfg.dtype), quantization_config=quant, low_cpu_mem_usage=True, **extra
-        )
+        if _weights_are_meta():  # (build_llm(empty=True)) the config is all an empty build reads
+            config = AutoConfig.from_pretrained(cfg.pretrained, **extra)
+            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg.dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.pretrained, dtype=_dtype(cfg.dtype), quantization_config=quant, low_cpu_mem_usage=True, **extra
+            )
         tok_kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.pretrained, **tok_kwargs)
     if tokenizer.pad_token_id is None:
@@ -83,14 +106,19 @@ def build_llm(cfg: LLMConfig):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Per decoder layer; non-reentrant, the variant that composes with FSDP and frozen inputs.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
-        ))
+        # Seeded like from_config weights: the adapters start the same however and wherever the model
+        # is built (an FSDP rank 0 builds it after the others have drawn their random numbers).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
+            ))
     if not any(p.requires_grad for p in model.parameters()):
         model.eval()  # a fully frozen LLM never needs dropout
     return model, tokenizer

@@ -35,6 +35,7 @@ from speechllm.llm import build_llm
 from speechllm.losses import lm_loss
 from speechllm.model_card import project_version, read_stage_files, render_model_card
 from speechllm.projector import Projector
+from speechllm.sharding import full_tensor
 
 # model.json's "format": what from_pretrained knows how to read. Raise it when the export changes.
 # 2 added "local" (parts copied into the export, relative to it), "origins" and "merged_lora".
@@ -103,27 +104,34 @@ class SpeechLLM(nn.Module):
         self.teacher_llm = None  # a frozen copy of the original LLM, when the LLM itself is trained
         self.merged_lora: dict | None = None  # set once LoRA is merged into the LLM's weights (merge_lora)
         self.origins: dict[str, str] = {}  # config key -> the id/path a part copied into an export came from
-        if cfg.projector.init_from_llm_embeddings:
-            self.projector.init_from_embeddings(self.unit_embeddings())
-        if cfg.projector.unit_lookup:
-            self.projector.init_lookup(self.unit_embeddings(), self.encoder.vocab.blank_id)
+        if not llm.get_input_embeddings().weight.is_meta:  # (an empty build: speechllm.sharding does it)
+            self.init_projector_from(llm)
 
     @classmethod
-    def build(cls, cfg: ModelConfig) -> SpeechLLM:
+    def build(cls, cfg: ModelConfig, *, empty_llm: bool = False) -> SpeechLLM:
+        """``empty_llm``: the LLM's weights on the meta device, for FSDP to shard (:mod:`speechllm.sharding`)."""
         check_model_paths(cfg)
-        llm, tokenizer = build_llm(cfg.llm)
+        llm, tokenizer = build_llm(cfg.llm, empty=empty_llm)
         return cls(cfg, build_encoder(cfg.encoder), llm, tokenizer)
+
+    def init_projector_from(self, llm) -> None:
+        """The projector initialisations that read the LLM's embedding table (``projector.init_from_llm_embeddings``,
+        ``projector.unit_lookup``)."""
+        if self.cfg.projector.init_from_llm_embeddings:
+            self.projector.init_from_embeddings(self.unit_embeddings(llm))
+        if self.cfg.projector.unit_lookup:
+            self.projector.init_lookup(self.unit_embeddings(llm), self.encoder.vocab.blank_id)
 
     # ----------------------------------------------------------------------------- token rows
 
     @torch.no_grad()
-    def unit_embeddings(self) -> torch.Tensor:
+    def unit_embeddings(self, llm=None) -> torch.Tensor:
         """Mean LLM input embedding of each CTC unit's string (zeros for the blank / empty units)."""
         if not encoder_kind(self.cfg.encoder.kind).is_ctc:
             raise ValueError(f"projector.init_from_llm_embeddings / unit_lookup need a CTC encoder (encoder.kind "
                              f"{' | '.join(kinds_with('is_ctc'))}: its units have strings), not {self.cfg.encoder.kind!r}")
         vocab = self.encoder.vocab
-        table = self.llm.get_input_embeddings().weight
+        table = (llm or self.llm).get_input_embeddings().weight
         rows = torch.zeros(len(vocab), table.shape[1])
         for i in range(len(vocab)):
             ids = self.tokenizer(vocab.unit_string(i), add_special_tokens=False).input_ids if i != vocab.blank_id else []
@@ -315,13 +323,18 @@ class SpeechLLM(nn.Module):
         """A frozen copy of the *original* LLM (rebuilt from its id/config, never from trained
         weights): the distillation teacher when the LLM itself is fully fine-tuned."""
         if self.teacher_llm is None:
-            base = {"freeze": True, "lora": {"enabled": False}}
-            if self.merged_lora:  # the LLM's own folder holds merged weights: rebuild the base it came from
-                base.update(pretrained=self.merged_lora["base_llm"], from_config=self.merged_lora["base_from_config"],
-                            gguf_file=self.merged_lora["base_gguf_file"], tokenizer=None)
-            cfg = OmegaConf.merge(self.cfg.llm, base)
-            self.teacher_llm, _ = build_llm(cfg)
-            self.teacher_llm.to(self.llm.get_input_embeddings().weight.device)
+            weights = self.llm.get_input_embeddings().weight
+            self.teacher_llm, _ = build_llm(self.teacher_config(), empty=weights.is_meta)
+            if not weights.is_meta:  # (an empty teacher keeps its real buffers where they are)
+                self.teacher_llm.to(weights.device)
+
+    def teacher_config(self):
+        """The LLM config of the original LLM, frozen: the distillation teacher's."""
+        base = {"freeze": True, "lora": {"enabled": False}}
+        if self.merged_lora:  # the LLM's own folder holds merged weights: rebuild the base it came from
+            base.update(pretrained=self.merged_lora["base_llm"], from_config=self.merged_lora["base_from_config"],
+                        gguf_file=self.merged_lora["base_gguf_file"], tokenizer=None)
+        return OmegaConf.merge(self.cfg.llm, base)
 
     @contextlib.contextmanager
     def original_llm(self):
@@ -410,7 +423,8 @@ class SpeechLLM(nn.Module):
     # ----------------------------------------------------------------------------- saving
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        """The trained weights, whole (sharded ones are gathered: under FSDP every rank must call it)."""
+        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
 
     def merge_lora(self) -> None:
         """Fold the LoRA adapters into the LLM's weights (peft ``merge_and_unload``): the same outputs
@@ -433,7 +447,7 @@ class SpeechLLM(nn.Module):
         self.__dict__.pop("_prefix_kv", None)
 
     def save_pretrained(self, directory: str | Path, *, self_contained: bool = False, metrics: dict | None = None,
-                        stage_config: dict | None = None) -> None:
+                        stage_config: dict | None = None, trainable: dict[str, torch.Tensor] | None = None) -> None:
         """The trained weights, the config that names the frozen parts (ids/paths) and a model card.
 
         A merged LLM (``merge_lora``) is saved in full under ``llm/``. ``self_contained`` also copies
@@ -441,11 +455,12 @@ class SpeechLLM(nn.Module):
         can be moved. ``metrics``/``stage_config`` go into the card; by default they are read from the
         stage directory around ``directory`` (``../metrics.json``, ``../config.yaml``) when it has them.
         Each file appears whole (``atomic_write``, synced to disk); ``model.json``, written last, marks
-        a finished export.
+        a finished export. ``trainable``: the weights from ``trainable_state_dict()`` where it was
+        already called (under FSDP, by every rank).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        trainable = self.trainable_state_dict()
+        trainable = self.trainable_state_dict() if trainable is None else trainable
         atomic_write(directory / "trainable.safetensors", safetensors_bytes(trainable))
         cfg = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True, enum_to_str=True)
         local, origins = self._save_local_parts(directory, cfg, self_contained)

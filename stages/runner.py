@@ -67,7 +67,7 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
     module = STAGE_KINDS[cfg.kind](cfg, stage_dir.root)
     datamodule = build_datamodule(cfg, module)
     datamodule.check_sources()
-    trainer = build_trainer(cfg, stage_dir.root, stage_dir.progress, module)
+    trainer = build_trainer(cfg, stage_dir.root, stage_dir.progress)
     resume = stage_dir.last_ckpt if stage_dir.last_ckpt.is_file() else None
     if resume and trainer.is_global_zero:
         print(f"[runner] resuming {stage_dir.root} from {resume}", flush=True)
@@ -92,8 +92,9 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         **{f"skipped/{k}": v for k, v in getattr(datamodule, "skipped", {}).items()},
         **{f"skipped/{k}": v for k, v in module.counters.items()},
     }
+    trainable = module.model.trainable_state_dict()  # (under FSDP a gather: every rank takes part)
     if trainer.is_global_zero:
-        module.model.save_pretrained(stage_dir.model, metrics=metrics)  # the model card shows them
+        module.model.save_pretrained(stage_dir.model, metrics=metrics, trainable=trainable)  # the card shows them
         atomic_write(stage_dir.metrics, json.dumps(metrics, indent=1))
         atomic_write(stage_dir.done, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     # The other ranks go on to the next stage only once this one's export is on disk.

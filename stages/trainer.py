@@ -45,7 +45,7 @@ def is_rank_zero() -> bool:
     return (_get_rank() or 0) == 0 and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def build_strategy(cfg: StageConfig, module):
+def build_strategy(cfg: StageConfig):
     """DDP (default for several devices) or FSDP, with a bounded collective timeout: a rank that dies
     ends the others within ``trainer.collective_timeout_s`` instead of hanging them."""
     t = cfg.trainer
@@ -59,15 +59,17 @@ def build_strategy(cfg: StageConfig, module):
         # search for unused ones.
         return DDPStrategy(timeout=timeout)
     if t.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        # Shard by decoder layer; use_orig_params keeps frozen and trained weights in one module.
-        layer = type(module.model.llm.get_decoder().layers[0])
-        return FSDPStrategy(auto_wrap_policy={layer}, use_orig_params=True, timeout=timeout)
+        # FSDP2 over every process (the module shards itself in configure_model: speechllm.sharding),
+        # on GPUs and on CPUs (gloo) alike. Checkpoints are consolidated: rank 0 writes one file of the
+        # trained weights and the full optimizer state, which any number of ranks can resume.
+        return ModelParallelStrategy(data_parallel_size=(devices or 1) * t.num_nodes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False, timeout=timeout)
     return t.strategy
 
 
-def build_trainer(cfg: StageConfig, root: Path, progress: Path, module) -> L.Trainer:
+def build_trainer(cfg: StageConfig, root: Path, progress: Path) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -81,7 +83,7 @@ def build_trainer(cfg: StageConfig, root: Path, progress: Path, module) -> L.Tra
         save_top_k=t.keep_last_checkpoints, monitor="step", mode="max",
     )
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(cfg, module),
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(cfg),
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val or None,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,

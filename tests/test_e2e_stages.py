@@ -1,5 +1,5 @@
 """Stages 2-4 end to end through the runner on tiny models: SIGKILL and exact resume, and the whole
-pipeline on two processes (DDP over gloo) producing what one process produces."""
+pipeline on two processes (DDP, and FSDP, over gloo) producing what one process produces."""
 
 import json
 import os
@@ -84,8 +84,9 @@ AGREEING = ("initial/", "val/", "test/", "skipped/")
 TOLERANCE = dict(rel=1e-4, abs=1e-6)
 
 
-def run_whole_pipeline(pipeline: Path, run_dir: Path, devices: int) -> Path:
-    proc = subprocess.run(command(pipeline, run_dir, *WHOLE, f"trainer.devices={devices}", "trainer.collective_timeout_s=120"),
+def run_whole_pipeline(pipeline: Path, run_dir: Path, devices: int, *extra: str) -> Path:
+    proc = subprocess.run(command(pipeline, run_dir, *WHOLE, f"trainer.devices={devices}", "trainer.collective_timeout_s=120",
+                                  *extra),
                           cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir / "tiny"
@@ -104,9 +105,10 @@ def agreeing_values(stage: Path) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(AGREEING)}
 
 
-def test_every_stage_runs_on_two_processes_like_on_one(tmp_path, one_process_run):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_stage_runs_on_two_processes_like_on_one(strategy, tmp_path, one_process_run):
     pipeline, one_run = one_process_run
-    two_run = run_whole_pipeline(pipeline, tmp_path / "devices2", 2)
+    two_run = run_whole_pipeline(pipeline, tmp_path / "devices2", 2, f"trainer.strategy={strategy}")
     for stage in ("align", "asr", "distill", "select"):
         one, two = stage_outputs(one_run / stage), stage_outputs(two_run / stage)
         assert one == two, stage
