@@ -118,8 +118,13 @@ class SpeechLLMModule(EvaluationMixin):
         if self.global_rank == 0:
             weights = rank0_weights(self.model)
             if self.cfg.init_from:
-                weights.update(exported_trainable(self.cfg.init_from))
+                exported = exported_trainable(self.cfg.init_from)
+                self.model.check_trainable(exported, self.cfg.init_from)
+                weights.update(exported)
         self._step_root = shard(self.model, self.device_mesh["data_parallel"], weights, self.device)
+        held = sum(local_tensor(p).numel() for p in self.model.llm.parameters())
+        print(f"[fsdp] rank {self.global_rank}: holds {held:,} of the LLM's {sum(p.numel() for p in self.model.llm.parameters()):,} "
+              f"weights", flush=True)
         for name in ("training_step", "validation_step", "test_step"):
             setattr(self, name, inside(self._step_root, getattr(self, name)))
 

@@ -511,8 +511,8 @@ class SpeechLLM(nn.Module):
                   lambda tmp, src=source: shutil.copytree(src, tmp) if src.is_dir() else shutil.copy2(src, tmp))
         return local, origins
 
-    def load_trainable(self, state: dict[str, torch.Tensor], source: str = "") -> None:
-        """Load trained weights; every saved tensor must match a parameter of this model."""
+    def check_trainable(self, state: dict[str, torch.Tensor], source: str = "") -> None:
+        """Every saved tensor must match a parameter of this model, by name and shape."""
         params = dict(self.named_parameters())
         unknown = sorted(set(state) - set(params))
         if unknown:
@@ -520,7 +520,13 @@ class SpeechLLM(nn.Module):
         for name, tensor in state.items():
             if params[name].shape != tensor.shape:
                 raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(params[name].shape)}")
-            with torch.no_grad():
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str = "") -> None:
+        """Load trained weights (checked by :meth:`check_trainable`)."""
+        self.check_trainable(state, source)
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
                 params[name].copy_(tensor)
 
     @classmethod

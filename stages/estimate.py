@@ -13,9 +13,10 @@ transformers itself on the meta device (no memory); ``from_config`` models (test
 - fully fine-tuned LLM: weights, gradients and Adam moments all in ``llm.dtype`` (torch's AdamW keeps
   its moments in the parameter's dtype): 4 x dtype bytes (16 for float32 master weights);
 - distillation with a fully fine-tuned LLM adds the frozen teacher copy (``llm.dtype``);
-- FSDP (``trainer.strategy: fsdp``, full sharding, decoder layers wrapped, the rest in the root unit):
-  every parameter, gradient and moment above is divided by the N devices, plus two gathered decoder
-  layers (the one computing and the one prefetched); DDP keeps a full copy on each device;
+- FSDP (``trainer.strategy: fsdp``, FSDP2 units per decoder layer, embedding/head, projector): every
+  parameter, gradient and moment above but the frozen encoder's (whole on every device) is divided by
+  the N devices, plus two gathered decoder layers (the one computing and the one prefetched); DDP keeps
+  a full copy on each device;
 - activations kept for the backward pass, per token per decoder layer, with bf16 autocast
   (a = 2 bytes; 4 in float32) and the residual stream in r bytes (4 when the weights are float32,
   else a)::
@@ -392,11 +393,12 @@ def estimate_stage(name: str, cfg, rows: RowModel = RowModel(), hw: Hardware = H
     trained_f32 = (projector + lora) * (4 + 4 + adam_b)
     moments_b = 2 if str(cfg.optim.optimizer) == "adamw8bit" else 2 * w_b  # full FT: AdamW's moments in the LLM's dtype
     llm_bytes = llm_params * (2 * w_b + moments_b if full_ft else w_b)
-    static = trained_f32 + llm_bytes + encoder_params * 4 + (llm_params * w_b if teacher else 0)
+    static = trained_f32 + llm_bytes + (llm_params * w_b if teacher else 0)
     gathered = 0.0
     if fsdp:
         static /= n_dev
         gathered = 2 * llm.layer_params() * w_b
+    static += encoder_params * 4  # the frozen encoder stays whole on every device (speechllm.sharding)
 
     # activations and FLOPs, per source
     bf16 = str(t.precision) in ("auto", "bf16-mixed", "bf16-true", "16-mixed", "16-true")

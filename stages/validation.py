@@ -67,6 +67,9 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
                          "(`python -m stages prepare posterior-stats`)"))
     if llm.load_in_4bit and llm.load_in_8bit:
         problems.append(("model.llm.load_in_8bit", "choose one of load_in_4bit and load_in_8bit"))
+    if cfg.trainer.strategy == "fsdp" and (llm.load_in_4bit or llm.load_in_8bit):
+        problems.append(("trainer.strategy", "fsdp shards full-precision weights; a 4/8-bit LLM (QLoRA) fits one "
+                         "device per rank: use ddp, or set model.llm.load_in_4bit/load_in_8bit false"))
     if not 0.0 <= cfg.distill.alpha <= 1.0:
         problems.append(("distill.alpha", f"must lie in [0, 1], got {cfg.distill.alpha}"))
     if str(cfg.trainer.precision) not in PRECISIONS:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
@@ -47,7 +48,15 @@ def test_fsdp_killed_and_resumed_matches_ddp(ddp_run, tmp_path):
 
     resumed = ws.run(*args)
     assert resumed.returncode == 0 and ws.done(), resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout + resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert "resuming" in output
+    # Sharded, not replicated: each of the two ranks holds about half of the LLM (the tied embedding
+    # and the norms split unevenly by rows).
+    held = {int(r): (int(a.replace(",", "")), int(b.replace(",", "")))
+            for r, a, b in re.findall(r"\[fsdp\] rank (\d): holds ([\d,]+) of the LLM's ([\d,]+) weights", output)}
+    assert set(held) == {0, 1}
+    for part, whole in held.values():
+        assert 0.4 * whole < part < 0.6 * whole
 
     assert len(losses(ws)) == len(losses(ddp_run)) == 8
     assert losses(ws) == pytest.approx(losses(ddp_run), rel=LOSS_RTOL)

@@ -64,6 +64,7 @@ RULES = [  # (stage kind, stage block, key, words of the problem)
     ("align", "      data: {sources: {t: {manifest: t.jsonl, kind: speech}}}\n", "data.sources.t.kind", "trains on"),
     ("asr", "      model: {encoder: {cps: {matched_share: 0.5}}}\n", "model.encoder.cps.stats", "posterior-stats"),
     ("select", "      selection: {source: synth, budget_unit: fraction}\n", "selection.pool", "not set"),
+    ("asr", "      model: {llm: {load_in_4bit: true}}\n      trainer: {strategy: fsdp}\n", "trainer.strategy", "4/8-bit"),
 ]
 
 
