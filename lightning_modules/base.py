@@ -252,8 +252,10 @@ class SpeechLLMModule(EvaluationMixin):
         return out["loss"] + zero.sum() * 0.0
 
     def log_step(self, out: dict, batch: dict) -> None:
-        """Loss terms, throughput (samples/s, LLM tokens/s), the data mixture and truncations of a step."""
+        """Loss terms, throughput (samples/s, LLM tokens/s), padding, the data mixture and truncations of a step."""
         batch_size = len(batch["id"])
+        lengths = out["row_lengths"]
+        tokens, longest = sum(lengths), max(lengths)
         for key in ("loss", "ce", "kl"):
             if key in out:
                 self.log(f"train/{key}", out[key].detach(), prog_bar=key == "loss", batch_size=batch_size)
@@ -261,9 +263,12 @@ class SpeechLLMModule(EvaluationMixin):
         if self._last_step_end is not None:
             dt = max(now - self._last_step_end, 1e-9)
             self.log("train/samples_per_s", batch_size / dt, batch_size=batch_size)
-            self.log("train/llm_tokens_per_s", batch_size * out["seq_len"] / dt, batch_size=batch_size)
+            self.log("train/llm_tokens_per_s", tokens / dt, batch_size=batch_size)
         self._last_step_end = now
-        self.log("train/seq_len", float(out["seq_len"]), batch_size=batch_size)
+        self.log("train/seq_len", float(longest), batch_size=batch_size)
+        # The share of the LLM's positions spent on padding (none when rows are packed: model.pack_sequences).
+        padded = 0.0 if self.model.cfg.pack_sequences else 1.0 - tokens / (len(lengths) * longest)
+        self.log("train/padding_share", padded, batch_size=batch_size)
         if out.get("truncated"):
             self.counters["truncated_to_context"] += out["truncated"]
             self.log("skipped/truncated_to_context", float(self.counters["truncated_to_context"]), rank_zero_only=True)

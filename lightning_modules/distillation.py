@@ -61,5 +61,5 @@ class DistillModule(SpeechLLMModule):
         out = lm_loss(hidden, model.lm_head, targets, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                       alpha=d.alpha, direction=d.direction, temperature=d.temperature, scale_by_t2=d.scale_by_t2,
                       chunk_size=model.cfg.loss_chunk_size, kernel=model.cfg.loss_kernel)
-        out["seq_len"], out["truncated"] = max(len(r) for r in views.student_rows), views.cut
+        out["row_lengths"], out["truncated"] = [len(r) for r in views.student_rows], views.cut
         return self.finish_step(out, batch)

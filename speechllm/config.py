@@ -216,7 +216,7 @@ class ModelConfig:
     pack_sequences: bool = setting(
         False, "train on padding-free batches: a batch's rows are concatenated into one row, position ids "
         "restart per row and attention stays within it (variable-length flash attention on GPU, a "
-        "block-diagonal mask elsewhere)")
+        "block-diagonal mask elsewhere); turns off prompt.cache_prefix")
 
 
 # --------------------------------------------------------------------------------------- stage

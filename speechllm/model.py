@@ -285,7 +285,7 @@ class SpeechLLM(nn.Module):
         hidden, target_tokens = self.labelled_hidden(rows, labels, self.flatten(speech, speech_lengths))
         out = lm_loss(hidden, self.lm_head, target_tokens, chunk_size=self.cfg.loss_chunk_size,
                       kernel=self.cfg.loss_kernel)
-        return {**out, "seq_len": max(len(r) for r in rows), "truncated": truncated}
+        return {**out, "row_lengths": [len(r) for r in rows], "truncated": truncated}
 
     def fit_to_context(self, speech_lengths: torch.Tensor, targets: list[list[int]] | None
                        ) -> tuple[torch.Tensor, int]:
