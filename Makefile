@@ -26,7 +26,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts for
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats report status tensorboard lint bench faults transcribe clean
+.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats report status tensorboard lint bench bench-gpu faults transcribe clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -36,7 +36,8 @@ help:
 	@echo "make stage1       stage 1 (align) of PIPELINE=$(PIPELINE); stage2 (asr), stage3 (distill), stage4 (select)"
 	@echo "                  SCALE=full, DEVICES=2, NODES=2, ARGS='key=value ...' apply to each"
 	@echo "make faults       fault injection on the tiny pipeline: what happened, data lost"
-	@echo "make bench        stage-1 levers, distillation/NLL step time, chunked-loss memory"
+	@echo "make bench        stage-1 levers, distillation/NLL step time, chunked-loss memory, Lightning overhead"
+	@echo "make bench-gpu    on a CUDA node: stages 1-3 at 1.5B/Whisper-small shapes (tokens/s, memory, MFU), PIPELINE once"
 	@echo "make status       where PIPELINE stands"
 	@echo "make transcribe   FILE='a.wav [b.wav ...]': one line per file, with MODEL=$(MODEL)"
 	@echo "make tensorboard  TensorBoard over $(RUN_DIR)/"
@@ -132,6 +133,11 @@ tensorboard: setup
 # Speed/loss comparisons measured in one run (numbers to read, never asserted in timed tests).
 bench: ctc-head
 	$(PY) -m stages bench all --pipeline $(PIPELINE) $(ARGS)
+
+# On a CUDA node (< 5 min on an H100/H200): stages 1-3 at Qwen2.5-1.5B / Whisper-small shapes with and without
+# packing, the fused loss and activation checkpointing, then every stage of PIPELINE (or the tiny one) once.
+bench-gpu: setup
+	$(PY) -m stages bench gpu --pipeline $(PIPELINE) $(ARGS)
 
 # Each fault of the robustness contract (README) injected into a tiny run; prints fault, what happened, data lost.
 faults: setup system-deps

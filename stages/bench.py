@@ -6,7 +6,15 @@
 too) against NLL (alpha 0), on the embedded default.
 ``python -m stages bench memory``: peak memory of the chunked vs unchunked loss at 49k and 152k
 vocabularies (:mod:`stages.bench_memory`).
-``python -m stages bench all``: the three. Results go to ``<out>/*.json`` and printed tables.
+``python -m stages bench overhead``: Lightning's step overhead against a bare PyTorch loop on the same
+model and batch, on CPU (:mod:`stages.bench_overhead`).
+``python -m stages bench padding``: the padding share of each stage's LLM batches and padded vs packed
+step time (:mod:`stages.bench_padding`; it needs the demo data).
+``python -m stages bench gpu``: stages 1-3 at Qwen2.5-1.5B / Whisper-small shapes on one CUDA device
+(tokens/s, peak memory, MFU; packed, fused-loss and checkpointed variants), then every stage of
+``--pipeline`` once on it (:mod:`stages.bench_gpu`; ``--device cpu --tiny`` checks the code path).
+``python -m stages bench all``: the CPU set: levers, distill, memory and overhead. Results go to
+``<out>/*.json`` and printed tables.
 """
 
 from __future__ import annotations
@@ -85,34 +93,63 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('train_loss_first', float('nan')):>7.3f} {r.get('train_loss_last10_mean', float('nan')):>8.3f}")
 
 
+WHAT = {
+    "levers": "stage-1 levers",
+    "distill": "distillation vs NLL step time",
+    "memory": "chunked vs unchunked loss",
+    "overhead": "Lightning vs a bare PyTorch loop (CPU)",
+    "padding": "padding share of each stage's LLM batches, padded vs packed step time (needs the demo data)",
+    "gpu": "stages 1-3 at 1.5B shapes on a CUDA device, then a pipeline once on it",
+    "all": "the CPU set: levers, distill, memory, overhead",
+}
+CPU_SET = ("levers", "distill", "memory", "overhead")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["levers", "distill", "memory", "all"],
-                        help="levers: stage-1 levers; distill: distillation vs NLL step time; "
-                             "memory: chunked vs unchunked loss; all: the three")
+    from stages import bench_gpu
+
+    parser.add_argument("what", choices=list(WHAT), help="; ".join(f"{k}: {v}" for k, v in WHAT.items()))
     parser.add_argument("--pipeline", default="configs/pipeline/demo.yaml",
-                        help="pipeline whose stages are measured (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per variant (default: %(default)s)")
+                        help="pipeline whose stages are measured (gpu: run once on the device, the tiny pipeline "
+                             "when its data or assets are missing) (default: %(default)s)")
+    parser.add_argument("--steps", type=int,
+                        help="training steps per variant (default: levers/distill 30, gpu 10 timed, overhead its own)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"),
                         help="folder of the runs and *.json results (default: %(default)s)")
-    parser.add_argument("--only", nargs="*", help="substrings of variant names to run")
+    parser.add_argument("--only", nargs="*", help="substrings of variant names to run (gpu: 'stage: variant')")
+    bench_gpu.add_options(parser.add_argument_group("gpu"))
 
 
 def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.what in ("levers", "all"):
-        rows = run_variants(args.pipeline, "align", LEVERS, args.steps, args.out, [], args.only)
+    chosen = CPU_SET if args.what == "all" else (args.what,)
+    steps = args.steps or 30
+    if "levers" in chosen:
+        rows = run_variants(args.pipeline, "align", LEVERS, steps, args.out, [], args.only)
         (args.out / "levers.json").write_text(json.dumps(rows, indent=1))
         print_table(rows)
-    if args.what in ("distill", "all"):
+    if "distill" in chosen:
         # From stage 3's own starting point, not a stage-2 export: the bench needs no earlier stage.
-        rows = run_variants(args.pipeline, "distill", DISTILL, args.steps, args.out, ["init_from=null"], args.only)
+        rows = run_variants(args.pipeline, "distill", DISTILL, steps, args.out, ["init_from=null"], args.only)
         if len(rows) == 2 and all("s_per_step" in r for r in rows):
             rows.append({"distill_over_nll_step_time": rows[1]["s_per_step"] / rows[0]["s_per_step"]})
             print(f"\nstep time ratio distillation / NLL: {rows[-1]['distill_over_nll_step_time']:.2f}")
         (args.out / "distill.json").write_text(json.dumps(rows, indent=1))
         print_table([r for r in rows if "variant" in r])
-    if args.what in ("memory", "all"):
+    if "memory" in chosen:
         from stages import bench_memory
 
         bench_memory.main(["--out", str(args.out / "distill_memory.json")])
+    if "overhead" in chosen:
+        from stages import bench_overhead
+
+        bench_overhead.main(["--out", str(args.out / "overhead.json"), *(["--steps", str(args.steps)] if args.steps else [])])
+    if "padding" in chosen:  # each bench module is imported only when chosen: a broken one fails only its bench
+        from stages import bench_padding
+
+        return bench_padding.main(["--pipeline", args.pipeline, "--out", str(args.out / "padding.json")])
+    if "gpu" in chosen:
+        from stages import bench_gpu
+
+        return bench_gpu.run(args)
     return 0
