@@ -488,6 +488,8 @@ def missing_inputs(pipeline: str) -> list[str]:
     from speechllm.config import missing_model_paths
     from stages.runner import resolve_stage_configs
 
+    if not Path(pipeline).is_file():
+        return [f"{pipeline} does not exist"]
     missing = []
     for name, _, cfg in resolve_stage_configs(pipeline, []):
         if cfg.enabled:
