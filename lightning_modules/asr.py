@@ -31,11 +31,12 @@ class CurriculumASRModule(SpeechLLMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         encoder = self.model.encoder
+        rates = self.simulation_rates(self.global_step)
         if batch["kind"] == "speech":
             feats, lengths = encoder.encode_speech(batch["waveform"])
         else:
-            rates = self.simulation_rates(self.global_step)
             feats, lengths = encoder.encode_text(batch["text"], self.sample_generators(batch), cps=rates)
+        if self.trainer._logger_connector.should_update_logs:  # (as log_step: the steps whose scalars are written)
             for name in ("smoothing_max", "keep_prob", "insert_prob"):
                 self.log(f"curriculum/cps/{name}", float(getattr(rates, name)), batch_size=len(batch["id"]))
         out = self.model(feats, lengths, self.model.target_ids(batch["target"]))

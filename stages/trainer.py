@@ -70,7 +70,7 @@ def build_strategy(cfg: StageConfig):
 
 
 def build_trainer(cfg: StageConfig, root: Path, progress: Path) -> L.Trainer:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
     # The frozen encoder and LLM stay in eval mode on purpose (no dropout, a valid prefix cache):
@@ -91,6 +91,9 @@ def build_trainer(cfg: StageConfig, root: Path, progress: Path) -> L.Trainer:
         # The data module shards every loader itself (resumable batch streams, padded eval sets).
         use_distributed_sampler=False,
         logger=TensorBoardLogger(str(root), name="tb", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepTimer(), StepLogsSurviveKill()],
+        # The bar moves when the logged loss does: redrawn every step (Rich's default, with its own
+        # thread), it cost 3 % of a 0.1 s CPU step (`bench overhead`).
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepTimer(), StepLogsSurviveKill(),
+                   TQDMProgressBar(refresh_rate=t.log_every_n_steps)],
         plugins=[AtomicCheckpointIO(progress, t.max_steps)], default_root_dir=str(root), enable_model_summary=False,
     )
