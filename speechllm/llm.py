@@ -60,6 +60,7 @@ def build_llm(cfg: LLMConfig, *, empty: bool = False):
             model, tokenizer = build_llm(cfg)
         model.tie_weights()  # the meta-device hook re-creates every parameter, so tied ones come apart
         return model, tokenizer
+    attention = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.from_config is not None:
         tokenizer = build_char_tokenizer(cfg.char_alphabet)
         kwargs = plain(cfg.from_config)
@@ -70,7 +71,7 @@ def build_llm(cfg: LLMConfig, *, empty: bool = False):
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg.dtype))
+            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg.dtype), **attention)
     else:
         if not cfg.pretrained:
             raise ValueError("llm: set `pretrained` (Hub id or local path) or `from_config`")
@@ -82,16 +83,14 @@ def build_llm(cfg: LLMConfig, *, empty: bool = False):
                 load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
                 bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_dtype(cfg.dtype),
             )
-        extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        if cfg.attn_implementation:
-            extra["attn_implementation"] = cfg.attn_implementation
+        gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         if _weights_are_meta():  # (build_llm(empty=True)) the config is all an empty build reads
-            config = AutoConfig.from_pretrained(cfg.pretrained, **extra)
-            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg.dtype))
+            config = AutoConfig.from_pretrained(cfg.pretrained, **gguf)
+            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg.dtype), **attention)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.pretrained, dtype=_dtype(cfg.dtype), quantization_config=quant, low_cpu_mem_usage=True, **extra
-            )
+                cfg.pretrained, dtype=_dtype(cfg.dtype), quantization_config=quant, low_cpu_mem_usage=True,
+                **gguf, **attention)
         tok_kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.pretrained, **tok_kwargs)
     if tokenizer.pad_token_id is None:
