@@ -18,9 +18,11 @@ from omegaconf import OmegaConf
 from speechllm.config import StageConfig, schema_default, to_yaml
 from speechllm.io import atomic_write
 
-# Changing these does not change what a stage computes, so a resume may change them.
+# Changing these does not change what a stage computes (only how: packed rows and the loss kernels give
+# the same loss within rounding), so a resume may change them.
 RESUME_SAFE_KEYS = ("trainer.num_threads", "data.num_workers", "trainer.log_every_n_steps",
-                    "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy")
+                    "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
+                    "model.pack_sequences", "model.loss_kernel")
 
 
 def project_version() -> str:
