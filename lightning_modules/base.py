@@ -20,7 +20,7 @@ from lightning_modules.evaluation import EvaluationMixin
 from speechllm.config import OptimConfig, SourceKind, StageConfig
 from speechllm.distributed import all_ranks
 from speechllm.model import SpeechLLM
-from speechllm.sharding import local_tensor
+from speechllm.sharding import gathered_trainable, local_tensor
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -127,6 +127,10 @@ class SpeechLLMModule(EvaluationMixin):
               f"weights", flush=True)
         for name in ("training_step", "validation_step", "test_step"):
             setattr(self, name, inside(self._step_root, getattr(self, name)))
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The model's trained weights for its export (under FSDP gathered to rank 0: every rank calls this)."""
+        return gathered_trainable(self.model) if self._step_root is not None else self.model.trainable_state_dict()
 
     def init_from(self, directory: str) -> None:
         """Start from a previous stage's exported trainable weights (not a resume)."""

@@ -35,7 +35,6 @@ from speechllm.llm import build_llm
 from speechllm.losses import lm_loss
 from speechllm.model_card import project_version, read_stage_files, render_model_card
 from speechllm.projector import Projector
-from speechllm.sharding import full_tensor
 
 # model.json's "format": what from_pretrained knows how to read. Raise it when the export changes.
 # 2 added "local" (parts copied into the export, relative to it), "origins" and "merged_lora".
@@ -423,8 +422,7 @@ class SpeechLLM(nn.Module):
     # ----------------------------------------------------------------------------- saving
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights, whole (sharded ones are gathered: under FSDP every rank must call it)."""
-        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
 
     def merge_lora(self) -> None:
         """Fold the LoRA adapters into the LLM's weights (peft ``merge_and_unload``): the same outputs
@@ -455,8 +453,8 @@ class SpeechLLM(nn.Module):
         can be moved. ``metrics``/``stage_config`` go into the card; by default they are read from the
         stage directory around ``directory`` (``../metrics.json``, ``../config.yaml``) when it has them.
         Each file appears whole (``atomic_write``, synced to disk); ``model.json``, written last, marks
-        a finished export. ``trainable``: the weights from ``trainable_state_dict()`` where it was
-        already called (under FSDP, by every rank).
+        a finished export. ``trainable``: the weights to save, where they were gathered already (FSDP:
+        ``speechllm.sharding.gathered_trainable``); by default ``trainable_state_dict()``.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -95,9 +95,15 @@ def shard(model, mesh, weights: dict[str, torch.Tensor], device: torch.device) -
     return root
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole value: a sharded one is gathered from every rank (all must call this)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def gathered_trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained weights of a sharded ``module``, whole, on rank 0's CPU (``{}`` on the other ranks,
+    which must all call this): the frozen ones are never gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trained = {name for name, p in module.named_parameters() if p.requires_grad}
+    # (a frozen tied matrix still comes back under its second name: kept out by name)
+    return {k: v for k, v in get_model_state_dict(module, options=options).items() if k in trained}
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         **{f"skipped/{k}": v for k, v in getattr(datamodule, "skipped", {}).items()},
         **{f"skipped/{k}": v for k, v in module.counters.items()},
     }
-    trainable = module.model.trainable_state_dict()  # (under FSDP a gather: every rank takes part)
+    trainable = module.trained_weights()  # (under FSDP a gather: every rank takes part)
     if trainer.is_global_zero:
         module.model.save_pretrained(stage_dir.model, metrics=metrics, trainable=trainable)  # the card shows them
         atomic_write(stage_dir.metrics, json.dumps(metrics, indent=1))

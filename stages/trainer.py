@@ -10,8 +10,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from speechllm.config import StageConfig
+from speechllm.sharding import gathered_trainable
 from stages.callbacks import StepLogsSurviveKill, StepTimer
 from stages.checkpoint_io import AtomicCheckpointIO
 
@@ -59,14 +61,19 @@ def build_strategy(cfg: StageConfig):
         # search for unused ones.
         return DDPStrategy(timeout=timeout)
     if t.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        # FSDP2 over every process (the module shards itself in configure_model: speechllm.sharding),
-        # on GPUs and on CPUs (gloo) alike. Checkpoints are consolidated: rank 0 writes one file of the
-        # trained weights and the full optimizer state, which any number of ranks can resume.
-        return ModelParallelStrategy(data_parallel_size=(devices or 1) * t.num_nodes, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=False, timeout=timeout)
+        return TrainedWeightsFSDP(data_parallel_size=(devices or 1) * t.num_nodes, tensor_parallel_size=1,
+                                  save_distributed_checkpoint=False, timeout=timeout)
     return t.strategy
+
+
+class TrainedWeightsFSDP(ModelParallelStrategy):
+    """FSDP2 over every process (the module shards itself in configure_model: speechllm.sharding), on
+    GPUs and on CPUs (gloo) alike. Checkpoints are consolidated: rank 0 writes one file of the trained
+    weights and the full optimizer state, which any number of ranks can resume; the frozen weights,
+    which come from their ids on load, are never gathered for it."""
+
+    def lightning_module_state_dict(self) -> dict:
+        return gathered_trainable(self.model)
 
 
 def build_trainer(cfg: StageConfig, root: Path, progress: Path) -> L.Trainer:
