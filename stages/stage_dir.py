@@ -22,7 +22,7 @@ from speechllm.io import atomic_write
 # the same loss within rounding), so a resume may change them.
 RESUME_SAFE_KEYS = ("trainer.num_threads", "data.num_workers", "trainer.log_every_n_steps",
                     "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
-                    "model.pack_sequences", "model.loss_kernel")
+                    "model.pack_sequences", "model.loss_kernel", "model.loss_chunk_size")
 
 
 def project_version() -> str:
