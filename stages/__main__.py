@@ -100,7 +100,7 @@ COMMANDS = {
     "export": ("copy a model with its local parts into one movable directory (--merge-lora: LoRA merged)",
                "stages.export"),
     "report": ("one report for a pipeline run: stage metrics and baselines", "stages.report"),
-    "bench": ("benchmarks that compare configurations: levers, distill, memory or all", "stages.bench"),
+    "bench": ("benchmarks that compare configurations: levers, distill, memory, overhead, padding, gpu or all", "stages.bench"),
     "faults": ("inject each fault into a tiny run and print what was lost", "stages.faults"),
     "estimate": ("GPU memory per device and hours per 1k steps of each stage, from parameter counts (estimates)",
                  "stages.estimate"),

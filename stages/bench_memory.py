@@ -1,6 +1,6 @@
 """The loss's own peak memory at large vocabularies, chunked vs naive (numbers to read, never asserted).
 
-``python -m stages.bench_memory [--vocab 49152 151936] [--positions 2048] [--hidden 1536] [--chunk 1024 256]``:
+``python -m stages.bench_memory [--vocab 49152 151936] [--positions 2048] [--hidden 1536] [--chunk 256 1024]``:
 for each vocabulary size and each loss (``distill``: ``lm_loss(alpha=1)``, forward KL against a teacher
 reading its own hidden states through the same head, as with LoRA; ``ce``: ``alpha=0``, no teacher), one
 forward + backward of :func:`speechllm.losses.lm_loss` on fixed (positions, hidden) hidden states and a
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936], help="vocabulary sizes")
     parser.add_argument("--positions", type=int, default=2048, help="text positions the loss runs on")
     parser.add_argument("--hidden", type=int, default=1536, help="LLM hidden size (Qwen2.5-1.5B: 1536)")
-    parser.add_argument("--chunk", type=int, nargs="+", default=[1024, 256],
-                        help="lm_loss chunk sizes of the chunked modes (model.loss_chunk_size: 1024)")
+    parser.add_argument("--chunk", type=int, nargs="+", default=[256, 1024],
+                        help="lm_loss chunk sizes of the chunked modes (model.loss_chunk_size: 256 by default)")
     parser.add_argument("--loss", choices=LOSSES, nargs="+", default=list(LOSSES), help="losses to measure")
     parser.add_argument("--head", choices=HEADS, nargs="+", default=list(HEADS), help="LM heads to measure")
     parser.add_argument("--device", default="auto", help="auto (cuda where available), cpu or cuda")
