@@ -184,8 +184,11 @@ def measure(blocks: int, warmup: int, steps: int, batch_size: int, target_chars:
     for i, kind in enumerate(("wall", "cpu")):
         seconds = {name: [block[i] for block in v] for name, v in per_block.items()}
         ratios = {name: [s / bare for s, bare in zip(seconds[name], seconds[BARE])] for name in names if name != BARE}
+        # The added time is what a loop costs whatever the step: the ratio at another step size follows from it.
+        added = {name: [1e3 * (s - bare) for s, bare in zip(seconds[name], seconds[BARE])] for name in names if name != BARE}
         result[kind] = {"s_per_step": {name: statistics.median(v) for name, v in seconds.items()},
                         "ratio_to_bare": {name: statistics.median(v) for name, v in ratios.items()},
+                        "added_ms_per_step": {name: statistics.median(v) for name, v in added.items()},
                         "s_per_step_blocks": seconds, "ratio_to_bare_blocks": ratios}
     return result
 
@@ -193,13 +196,16 @@ def measure(blocks: int, warmup: int, steps: int, batch_size: int, target_chars:
 def print_table(result: dict, settings: dict) -> None:
     print(f"\nLightning overhead on CPU, 1 thread, {result['precision']}: {settings['blocks']} blocks of "
           f"{settings['warmup']} + {settings['steps']} steps, batch {settings['batch_size']} (medians of the blocks)")
-    print(f"{'loop':<44} {'wall s/step':>11} {'x bare':>7} {'(blocks)':>13} {'CPU s/step':>11} {'x bare':>7} {'(blocks)':>13}")
+    print(f"{'loop':<44} {'wall s/step':>11} {'x bare':>7} {'(blocks)':>13} {'+ms/step':>8} "
+          f"{'CPU s/step':>11} {'x bare':>7} {'(blocks)':>13} {'+ms/step':>8}")
     for name in result["wall"]["s_per_step"]:
         cells = []
         for kind in ("wall", "cpu"):
             ratios = result[kind]["ratio_to_bare_blocks"].get(name)
+            added = result[kind]["added_ms_per_step"].get(name)
             cells.append(f"{result[kind]['s_per_step'][name]:>11.4f} {result[kind]['ratio_to_bare'].get(name, 1.0):>7.3f} "
-                         f"{f'{min(ratios):.2f}-{max(ratios):.2f}' if ratios else '':>13}")
+                         f"{f'{min(ratios):.2f}-{max(ratios):.2f}' if ratios else '':>13} "
+                         f"{f'{added:+.1f}' if added is not None else '':>8}")
         print(f"{name:<44} {' '.join(cells)}")
     print("target: Lightning <= 1.05 x bare")
 
