@@ -13,6 +13,23 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from speechllm.io import atomic_open, atomic_write
 
 
+class _WriteErrors:
+    """A binary file that remembers the OSError of a failed write, which torch.save would hide."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write through a temporary file, fsync, rename: a kill or power cut while saving never breaks
     ``last.ckpt``; a full disk raises a clear error and leaves the previous one intact.
@@ -29,7 +46,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         try:
             with atomic_open(path, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _WriteErrors(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError as err:
+                    # torch's zip writer turns a failed write into "unexpected pos ...": the OSError behind it
+                    raise (writer.error or err) from err
         except OSError as err:  # a full disk, a quota, a file-size limit
             last = path.with_name("last.ckpt")
             previous = "the previous last.ckpt is intact" if last.exists() else "no last.ckpt was written yet"
