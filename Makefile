@@ -44,12 +44,15 @@ help:
 	@echo "make lint         ruff"
 
 # The project with its dev tools and the data-source extras (datasets, lhotse, kaldiio: their tests run);
-# torch is named again so that nothing can move it off its pin.
+# torch is named again so that nothing can move it off its pin. Liger-Kernel comes without its triton
+# (the `gpu` extra brings both): its chunked JSD is plain torch, which the tests check our distillation
+# directions against on CPU.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev,hf,lhotse,tasu]" "$(TORCH_SPEC)"
+	$(PIP) install -q --no-deps "liger-kernel==0.8.5"
 	touch $@
 
 setup: $(VENV)/.installed
