@@ -1,8 +1,9 @@
 """One report for a pipeline run: each stage's metrics next to the baselines that give them meaning.
 
-For the validation sets of a pipeline it measures, once, the two reference points of text-only
-alignment: the CTC encoder's own greedy WER (what the LLM has to beat) and the LLM's *ceiling*
-(the transcript given to it as text, with the same prompt). Printed, and written to
+For the validation sets of a pipeline it measures, once, the reference points: Whisper's own
+encoder-decoder WER where the encoder is a whole Whisper checkpoint (what a user would pick instead),
+the CTC encoder's own greedy WER (what the LLM has to beat) and the LLM's *ceiling* (the transcript
+given to it as text, with the same prompt). Printed, and written to
 ``<run>/report.json`` and into each stage's ``metrics.json`` under ``report``.
 """
 
@@ -18,6 +19,7 @@ from speechllm.encoders import encoder_kind
 from speechllm.manifest import load_audio, load_manifest, normalize_target
 from speechllm.metrics import corpus_errors
 from speechllm.model import SpeechLLM
+from speechllm.whisper_decoder import WhisperTranscriber, has_whisper_decoder
 from stages.runner import resolve_stage_configs
 
 
@@ -27,10 +29,26 @@ def _batches(items, size):
 
 
 @torch.no_grad()
+def _items(manifest: str, limit: int):
+    items = load_manifest(manifest, require_audio=True)
+    return items[:limit] if limit else items
+
+
+@torch.no_grad()
+def whisper_own_wer(pretrained: str, manifest: str, limit: int, batch_size: int = 8) -> float:
+    """WER of Whisper's own greedy encoder-decoder transcription (``speechllm.whisper_decoder``)."""
+    whisper = WhisperTranscriber(pretrained)
+    items = _items(manifest, limit)
+    hyps = []
+    for chunk in tqdm(list(_batches(items, batch_size)), desc="Whisper's own decoder", leave=False):
+        hyps += whisper.transcribe([load_audio(u.audio, whisper.sample_rate) for u in chunk])
+    return corpus_errors([normalize_target(u.target_text, "none") for u in items], hyps)[0].wer
+
+
+@torch.no_grad()
 def baselines(model: SpeechLLM, manifest: str, limit: int, batch_size: int = 8) -> dict[str, float]:
     """Greedy CTC WER of the encoder (if it has a CTC head) and the LLM's text-input ceiling."""
-    items = load_manifest(manifest, require_audio=True)
-    items = items[:limit] if limit else items
+    items = _items(manifest, limit)
     refs = [normalize_target(u.target_text, "none") for u in items]
     out = {"utterances": len(items)}
     if encoder_kind(model.cfg.encoder.kind).is_ctc:
@@ -74,6 +92,9 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
                 model = model or SpeechLLM.build(cfg.model).eval()
                 cached[key] = {"set": set_name, **baselines(model, manifest, limit)}
                 cache.write_text(json.dumps(cached, indent=1))
+            if "whisper_own_wer" not in cached[key] and has_whisper_decoder(cfg.model.encoder.pretrained):
+                cached[key]["whisper_own_wer"] = whisper_own_wer(cfg.model.encoder.pretrained, manifest, limit)
+                cache.write_text(json.dumps(cached, indent=1))
             report["baselines"][set_name] = cached[key]
     (run_root / "report.json").write_text(json.dumps(report, indent=1))
     for _, stage_dir, _ in stages:
@@ -111,6 +132,8 @@ def format_report(report: dict) -> str:
     lines = [f"== report: {report['pipeline']} (scale {report['scale'] or 'default'}) =="]
     for set_name, base in report["baselines"].items():
         lines.append(f"[{set_name}] {base['utterances']} utterances (held-out voices)")
+        if "whisper_own_wer" in base:
+            lines.append(f"  Whisper alone, its own decoder       WER {base['whisper_own_wer']:.3f}")
         if "ctc_greedy_wer" in base:
             lines.append(f"  CTC encoder alone, greedy            WER {base['ctc_greedy_wer']:.3f}")
         lines.append(f"  LLM ceiling (transcript as text)     WER {base['llm_text_ceiling_wer']:.3f}")

@@ -314,3 +314,20 @@ def test_cli_prints_paths(capsys: pytest.CaptureFixture) -> None:
     assert capsys.readouterr().out.strip() == f"minilm\t{assets.minilm_l6_v2()}"
     with pytest.raises(SystemExit):
         assets.main(["no-such-asset"])
+
+
+@needs_tiny_en
+def test_whisper_own_decoder_is_the_reports_anchor(whisper_cache: Path, tmp_path: Path) -> None:
+    """The report's "Whisper alone" baseline: found only in a whole Whisper checkpoint, and batched
+    decoding transcribes each clip as decoding it alone does."""
+    from speechllm.whisper_decoder import WhisperTranscriber, has_whisper_decoder
+
+    folder = assets.whisper_tiny_en(whisper_cache)
+    assert has_whisper_decoder(str(folder))
+    assert not has_whisper_decoder(None) and not has_whisper_decoder(str(tmp_path / "no-such-model"))
+    whisper = WhisperTranscriber(str(folder))
+    short = "Good morning."
+    clips = [synthesise(FOX, tmp_path), synthesise(short, tmp_path)]
+    batched = whisper.transcribe(clips)
+    assert batched == [whisper.transcribe([clip])[0] for clip in clips]
+    assert jiwer.wer(normalise(FOX), normalise(batched[0])) <= 0.35, batched
