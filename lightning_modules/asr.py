@@ -36,7 +36,7 @@ class CurriculumASRModule(SpeechLLMModule):
             feats, lengths = encoder.encode_speech(batch["waveform"])
         else:
             feats, lengths = encoder.encode_text(batch["text"], self.sample_generators(batch), cps=rates)
-        if self.trainer._logger_connector.should_update_logs:  # (as log_step: the steps whose scalars are written)
+        if self.logs_this_step():
             for name in ("smoothing_max", "keep_prob", "insert_prob"):
                 self.log(f"curriculum/cps/{name}", float(getattr(rates, name)), batch_size=len(batch["id"]))
         out = self.model(feats, lengths, self.model.target_ids(batch["target"]))

@@ -173,9 +173,10 @@ class SpeechLLMModule(EvaluationMixin):
         """Skip a step whose gradients hold NaN/inf instead of poisoning the weights.
 
         Under DDP gradients are already all-reduced here, so every rank takes the same decision without
-        an extra collective; under FSDP each holds a shard and one all-reduce of the verdict decides. Dropping them (``grad = None``) makes AdamW leave each parameter, its
-        moments and its step count untouched; the step still counts, so the data position and the
-        LR schedule stay functions of the step.
+        an extra collective; under FSDP each holds a shard and one all-reduce of the verdict decides.
+        Dropping the gradients (``grad = None``) makes AdamW leave each parameter, its moments and its
+        step count untouched; the step still counts, so the data position and the LR schedule stay
+        functions of the step.
         """
         grads = [local_tensor(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
@@ -255,18 +256,22 @@ class SpeechLLMModule(EvaluationMixin):
                             torch.tensor([frames], device=out["loss"].device))
         return out["loss"] + zero.sum() * 0.0
 
+    def logs_this_step(self) -> bool:
+        """Whether Lightning writes this training step's scalars (every ``trainer.log_every_n_steps``):
+        on other steps a ``self.log`` is thrown away, at ~3 ms of Lightning's bookkeeping per call."""
+        return self.trainer._logger_connector.should_update_logs
+
     def log_step(self, out: dict, batch: dict) -> None:
         """Loss terms, throughput (samples/s, LLM tokens/s), padding, the data mixture and truncations of a step.
 
-        Only on the steps whose scalars Lightning writes (every ``trainer.log_every_n_steps``; the
-        progress bar shows the loss of the last of them): on the others each ``self.log`` would be thrown
-        away, at ~3 ms of Lightning's bookkeeping per call (`bench overhead`).
+        Only on the steps whose scalars Lightning writes (:meth:`logs_this_step`; the progress bar shows
+        the loss of the last of them).
         """
         now, last = time.perf_counter(), self._last_step_end
         self._last_step_end = now
         if out.get("truncated"):
             self.counters["truncated_to_context"] += out["truncated"]
-        if not self.trainer._logger_connector.should_update_logs:
+        if not self.logs_this_step():
             return
         batch_size = len(batch["id"])
         for key in ("loss", "ce", "kl"):

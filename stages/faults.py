@@ -66,6 +66,25 @@ stages:
     return path
 
 
+def wait_for_checkpoint(proc: subprocess.Popen, stage: Path, step: int, timeout: float = 300) -> None:
+    """Return once the stage directory's ``progress.json`` (written after each complete ``last.ckpt``)
+    reaches ``step``; raise if the run ends first or ``timeout`` passes."""
+    deadline = time.time() + timeout
+    progress = stage / "progress.json"
+    while time.time() < deadline:
+        if progress.is_file():
+            try:
+                if json.loads(progress.read_text())["step"] >= step:
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the run ended (exit {proc.returncode}) before step {step}: "
+                               f"{(proc.stderr.read() if proc.stderr else '')[-2000:]}")
+        time.sleep(0.02)
+    raise TimeoutError(f"no checkpoint at step {step} within {timeout} s")
+
+
 class Workspace:
     """A fresh tiny data set and pipeline in a temporary folder for one fault."""
 
@@ -112,19 +131,7 @@ class Workspace:
         return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
 
     def wait_for_step(self, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        progress = self.stage / "progress.json"
-        while time.time() < deadline:
-            if progress.is_file():
-                try:
-                    if json.loads(progress.read_text())["step"] >= step:
-                        return
-                except (json.JSONDecodeError, KeyError):
-                    pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"the run ended (exit {proc.returncode}) before step {step}")
-            time.sleep(0.02)
-        raise TimeoutError(f"no checkpoint at step {step} within {timeout} s")
+        wait_for_checkpoint(proc, self.stage, step, timeout)
 
     def kill_at_step(self, step: int) -> int:
         """Start a run, SIGKILL it once ``last.ckpt`` holds ``step``; return the checkpointed step."""

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import soundfile as sf
 import torch
 from source_fixtures import build_all, clips, hf_dataset
 
+from stages.faults import wait_for_checkpoint
 from stages.tensorboard import scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,13 +149,7 @@ def test_a_streamed_source_resumes_exactly_after_sigkill(corpus, tmp_path):
     killed = tmp_path / "killed"
     stage = killed / "sources" / "asr_hf"
     proc = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        progress = stage / "progress.json"
-        if progress.is_file() and json.loads(progress.read_text())["step"] >= 6:
-            break
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, stage, 6)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = torch.load(stage / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")["global_step"]

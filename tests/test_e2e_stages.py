@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from hand_reference import word_edits
 
+from stages.faults import wait_for_checkpoint
 from stages.tensorboard import scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +42,7 @@ def test_stage_resumes_exactly_after_sigkill(stage, tmp_path, tiny_data):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command(pipeline, killed, *extra), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        progress = stage_dir / "progress.json"
-        if progress.is_file() and json.loads(progress.read_text())["step"] >= 8:
-            break
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, stage_dir, 8, timeout=600)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = torch.load(stage_dir / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")["global_step"]
