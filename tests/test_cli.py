@@ -31,6 +31,7 @@ REQUIRED = {
     "prepare posterior-stats": ["--pipeline", "p.yaml", "--manifest", "x.jsonl"],
     "prepare word-times": ["--pipeline", "p.yaml", "--manifest", "x.jsonl", "--out", "y.jsonl"],
     "prepare real-speech": ["--out", "o"],
+    "prepare broad-text": ["--out", "o"],
     "prepare librispeech": ["--root", "r", "--out", "o"],
     "prepare common-voice": ["--root", "r", "--out", "o"],
     "prepare libriheavy": ["--cuts", "c.jsonl", "--out", "o.jsonl"],
