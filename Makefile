@@ -26,7 +26,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts for
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats report status tensorboard lint bench bench-gpu faults transcribe clean
+.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats simulator report status tensorboard lint bench bench-gpu faults transcribe clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -105,7 +105,12 @@ ctc-head: demo-data assets
 posterior-stats: ctc-head
 	$(call TIMED,$(PY) -m stages prepare posterior-stats --pipeline $(PIPELINE) --scale $(SCALE) --manifest $(DEMO_DATA)/speech/train.jsonl,posterior statistics)
 
-demo: posterior-stats
+# The learned posterior simulator (`text_side: learned`): trained on the head's real output on
+# training-voice speech, clean and augmented; its report holds requested vs achieved WER per bin.
+simulator: ctc-head
+	$(call TIMED,$(PY) -m stages prepare simulator --pipeline $(PIPELINE) --scale $(SCALE) --manifest $(DEMO_DATA)/speech/train.jsonl --heldout $(DEMO_DATA)/speech/test.jsonl,posterior simulator)
+
+demo: posterior-stats simulator
 	$(call TIMED,$(PY) -m stages run $(PIPELINE) $(RUN_ARGS),pipeline stages)
 	$(call TIMED,$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR),report)
 
@@ -113,7 +118,7 @@ report: setup
 	$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR)
 
 # The demo pipeline needs its data and CTC head first; other pipelines bring their own data.
-STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),posterior-stats,setup)
+STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),posterior-stats simulator,setup)
 
 stage1: $(STAGE_DEPS)
 	$(PY) -m stages run $(PIPELINE) --only align $(RUN_ARGS)

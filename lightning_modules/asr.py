@@ -3,7 +3,8 @@
 Starts from stage 1's projector (``init_from``) and trains on real speech through the encoder path
 (LSD-compressed CTC posteriors, or frame-stacked states of a continuous encoder such as Whisper),
 mixed batch by batch with input simulated from text. The mixture follows each source's share ramp;
-the simulation's difficulty (CPS smoothing, deletion, insertion) follows ``data.difficulty``. Both
+the simulation's difficulty (CPS smoothing, deletion, insertion, or the WER range requested of the
+learned simulator: TASU2's controlled curriculum) follows ``data.difficulty``. Both
 are logged to TensorBoard as they change.
 """
 
@@ -37,7 +38,8 @@ class CurriculumASRModule(SpeechLLMModule):
         else:
             feats, lengths = encoder.encode_text(batch["text"], self.sample_generators(batch), cps=rates)
         if self.logs_this_step():
-            for name in ("smoothing_max", "keep_prob", "insert_prob"):
+            learned = ("wer_min", "wer_max") if self.cfg.model.encoder.text_side == "learned" else ()
+            for name in ("smoothing_max", "keep_prob", "insert_prob", *learned):
                 self.log(f"curriculum/cps/{name}", float(getattr(rates, name)), batch_size=len(batch["id"]))
         out = self.model(feats, lengths, self.model.target_ids(batch["target"]))
         return self.finish_step(out, batch)

@@ -37,6 +37,12 @@ class Backbone(Choice):
     whisper = "whisper"
 
 
+class TextSide(Choice):
+    cps = "cps"
+    matched = "matched"
+    learned = "learned"
+
+
 class DType(Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -105,10 +111,13 @@ class CPSConfig:
     keep_prob: float = setting(0.95, "each row is kept independently with this probability")
     insert_prob: float = setting(0.0, "floor(L' * insert_prob) insertions (off by default, as in TASU)")
     insert_repeat_share: float = setting(0.5, "share of insertions that repeat the previous row (else a blank)")
-    matched_share: float = setting(
-        0.0, "share of utterances simulated instead from the encoder's measured errors and real posterior "
-        "vectors (`prepare posterior-stats`); 0 = TASU's CPS only")
-    stats: Optional[str] = setting(None, "posterior statistics file (needed when matched_share > 0)")
+    side_share: float = setting(
+        1.0, "share of utterances simulated by encoder.text_side when it is matched or learned; the rest by "
+        "the rules above (TASU's CPS)")
+    stats: Optional[str] = setting(None, "posterior statistics file (text_side: matched; `prepare posterior-stats`)")
+    simulator: Optional[str] = setting(None, "learned posterior simulator folder (text_side: learned; `prepare simulator`)")
+    wer_min: float = setting(0.0, "learned: each utterance requests a greedy WER drawn uniformly in [wer_min, wer_max]")
+    wer_max: float = setting(0.5, "learned: the top of that range")
 
 
 @dataclass
@@ -127,6 +136,9 @@ class EncoderConfig:
     blank_id: Optional[int] = setting(None, "ctc: blank index (default: the model's pad_token_id)")
     lsd: bool = setting(True, "ctc: label-synchronous compression of the posteriors")
     lsd_blank_threshold: float = setting(0.9, "ctc: LSD drops vectors whose blank probability is at least this")
+    text_side: TextSide = setting(
+        TextSide.cps, "ctc: what turns text into posteriors: cps (TASU's rules), matched (the head's measured "
+        "confusions and real vectors, cps.stats) or learned (a trained simulator at a requested WER, cps.simulator)")
     cps: CPSConfig = setting(help="ctc: simulated posteriors for the text side", factory=CPSConfig)
     sample_rate: int = setting(16000, "audio sample rate the encoder expects (clips are resampled to it)")
 
@@ -244,12 +256,14 @@ class BatchingConfig:
 
 @dataclass
 class DifficultyConfig:
-    """Simulated input made harder over training by rule (controlled difficulty): each ramp, when set,
-    replaces that ``encoder.cps`` rate at every step."""
+    """Simulated input made harder over training (controlled difficulty): each ramp, when set, replaces
+    that ``encoder.cps`` rate at every step; for the learned simulator, the requested WER range."""
 
     smoothing_max: Optional[Ramp] = setting(None, "ramp of encoder.cps.smoothing_max")
     keep_prob: Optional[Ramp] = setting(None, "ramp of encoder.cps.keep_prob")
     insert_prob: Optional[Ramp] = setting(None, "ramp of encoder.cps.insert_prob")
+    wer_min: Optional[Ramp] = setting(None, "ramp of encoder.cps.wer_min (text_side: learned; TASU2's controlled curriculum)")
+    wer_max: Optional[Ramp] = setting(None, "ramp of encoder.cps.wer_max (text_side: learned)")
 
 
 @dataclass
@@ -589,7 +603,8 @@ def missing_model_paths(cfg: ModelConfig) -> list[tuple[str, str]]:
     """
     keys = {"model.llm.pretrained": cfg.llm.pretrained, "model.llm.tokenizer": cfg.llm.tokenizer,
             "model.encoder.pretrained": cfg.encoder.pretrained, "model.encoder.ctc_head": cfg.encoder.ctc_head,
-            "model.encoder.cps.stats": cfg.encoder.cps.stats if cfg.encoder.cps.matched_share > 0 else None}
+            "model.encoder.cps.stats": cfg.encoder.cps.stats if cfg.encoder.text_side == "matched" else None,
+            "model.encoder.cps.simulator": cfg.encoder.cps.simulator if cfg.encoder.text_side == "learned" else None}
     problems = []
     for key, value in keys.items():
         if value and str(value).startswith((".", "/", "~")) and not Path(value).expanduser().exists():

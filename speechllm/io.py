@@ -39,3 +39,25 @@ def atomic_write(path: str | Path, data: str | bytes, *, fsync: bool = True) -> 
     """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically (see ``atomic_open``)."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", fsync=fsync) as f:
         f.write(data)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Build a folder in a sibling temporary one that replaces ``path`` on a clean exit: a killed run
+    never leaves half an asset (a model without its report). Files get the usual 644/755 modes
+    (``mkdtemp`` and safetensors make them owner-only)."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for item in (tmp, *tmp.rglob("*")):
+            item.chmod(0o755 if item.is_dir() else 0o644)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -42,6 +42,7 @@ MODEL_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 # The frozen parts an export can carry inside itself: config key -> where in the export directory.
 LOCAL_PARTS = {"encoder.pretrained": "encoder", "encoder.ctc_head": "ctc_head", "encoder.cps.stats": "cps_stats",
+               "encoder.cps.simulator": "simulator",
                "llm.pretrained": "llm", "llm.tokenizer": "llm_tokenizer"}
 IGNORE_INDEX = -100
 SPEECH = -1  # a slot for the next speech vector in a token row

@@ -72,6 +72,8 @@ PREPARE_STEPS = {
     "ctc-head": ("train a CTC head on frozen Whisper states (the posteriors TASU needs)", "stages.prepare_ctc_head"),
     "posterior-stats": ("measure a pipeline's CTC encoder on training voices (for matched CPS noise)",
                         "stages.prepare_posterior_stats"),
+    "simulator": ("train a learned posterior simulator on the CTC encoder's real output (text_side: learned)",
+                  "stages.prepare_simulator"),
     "word-times": ("word times for natural speech by CTC forced alignment", "stages.prepare_word_times"),
     "real-speech": ("one real speaker (Debian's Asterisk prompts, G.722) -> train/dev/test manifests", "stages.prepare_real_speech"),
     "broad-text": ("broad-domain English text documents (WordNet, GCIDE, gensim's news and Wikipedia samples)", "stages.prepare_broad_text"),

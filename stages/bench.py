@@ -35,7 +35,7 @@ LEVERS: dict[str, list[str]] = {
     "bf16 autocast": ["trainer.precision=bf16-mixed"],
     "1 thread": ["trainer.num_threads=1"],
     "targets cut to 24 tokens": ["model.prompt.max_target_tokens=24"],
-    "no matched CPS noise": ["model.encoder.cps.matched_share=0.0"],
+    "no matched CPS noise": ["model.encoder.text_side=cps"],
     # Prefix key/value reuse needs a frozen LLM: measured with LoRA off, with and without it.
     "LoRA off (frozen LLM, prompt prefix KV reused)": ["model.llm.lora.enabled=false"],
     "LoRA off, no prefix KV reuse": ["model.llm.lora.enabled=false", "model.prompt.cache_prefix=false"],

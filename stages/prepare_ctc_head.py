@@ -29,8 +29,6 @@ import json
 import logging
 import math
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from tqdm import tqdm
 from speechllm.encoders.base import pad_sequences
 from speechllm.encoders.ctc import CTCHead, CTCVocabulary
 from speechllm.encoders.whisper import WhisperSpeechEncoder
-from speechllm.io import atomic_write
+from speechllm.io import atomic_folder, atomic_write
 from speechllm.manifest import Utterance, load_audio, load_manifest
 from speechllm.metrics import corpus_errors, normalize
 
@@ -413,19 +411,9 @@ def prepare_ctc_head(
         "examples": [{"id": u.id, "ref": u.text, "hyp": h} for u, h in list(zip(eval_items, hyps))[:5]],
         "history": history, "llm_token_ids": None if units == "chars" else token_ids, "settings": settings,
     }
-    # Build in a sibling temp folder and rename: a killed run never leaves a head without its report.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:  # a killed run never leaves a head without its report
         head.save(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make them owner-only
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s: eval CER %.3f, WER %.3f", out_dir, report["eval"]["cer"], report["eval"]["wer"])
     return {**report, "reused": False}
 

@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from speechllm.config import ConfigError
+from speechllm.config import ConfigError, TextSide
 from speechllm.encoders import build_encoder
 from speechllm.manifest import load_audio, load_manifest
 from speechllm.posterior_stats import PosteriorStats, collect_posterior_stats
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if PosteriorStats.saved_key(out) == key:
         print(f"posterior statistics already at {out}")
         return 0
-    cfg.model.encoder.cps.matched_share = 0.0  # measuring, not simulating
+    cfg.model.encoder.text_side = TextSide.cps  # measuring, not simulating
     encoder = build_encoder(cfg.model.encoder)
     items = load_manifest(args.manifest, require_audio=True)[: args.limit]
     batches = (

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from speechllm.config import ConfigError
+from speechllm.config import ConfigError, TextSide
 from speechllm.encoders import build_encoder, encoder_kind, kinds_with
 from speechllm.encoders.ctc import CTCPosteriorEncoder
 from speechllm.forced_alignment import units_per_word, word_times
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if not encoder_kind(cfg.model.encoder.kind).is_ctc:
         raise ConfigError(f"{args.pipeline}: stage {args.stage!r} has encoder.kind {cfg.model.encoder.kind!r}; "
                           f"forced alignment needs a CTC encoder ({' | '.join(kinds_with('is_ctc'))})")
-    cfg.model.encoder.cps.matched_share = 0.0  # the text side is not used: no posterior statistics needed
+    cfg.model.encoder.text_side = TextSide.cps  # the text side is not used: no statistics or simulator needed
     encoder = build_encoder(cfg.model.encoder)
 
     items = load_manifest(args.manifest, require_audio=True)

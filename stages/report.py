@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -79,15 +80,22 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
         metrics = json.loads(stage_dir.metrics.read_text())
         metrics.pop("report", None)
         report["stages"][name] = metrics
+        simulator = Path(cfg.model.encoder.cps.simulator or "") / "report.json"
+        if cfg.model.encoder.text_side == "learned" and simulator.is_file():
+            found = json.loads(simulator.read_text())
+            report.setdefault("simulators", {})[str(simulator.parent)] = {
+                k: found[k] for k in ("bins", "heldout", "heldout_sentences", "train_pairs", "train_seconds", "pairs_seconds")}
         selection = stage_dir.root / "selection" / "report.json"
         if selection.is_file():
             report.setdefault("selection", {})[name] = json.loads(selection.read_text())
         model = None
         sets, limit = (cfg.data.test, cfg.data.test_max_samples) if cfg.data.test else (cfg.data.val, cfg.data.val_max_samples)
         for set_name, manifest in sets.items():
-            # Everything the two baselines depend on: the encoder, the LLM, the prompt and how it generates.
+            # Everything the two baselines depend on: the encoder's speech path, the LLM, the prompt and how
+            # it generates (not the text side: stages that differ only there share them).
+            speech_path = {k: v for k, v in dict(cfg.model.encoder).items() if k not in ("text_side", "cps")}
             key = "|".join([manifest, str(limit), cfg.model.llm.pretrained or "", *(
-                json.dumps(dict(part), default=str) for part in (cfg.model.encoder, cfg.model.prompt, cfg.model.generation))])
+                json.dumps(dict(part), default=str) for part in (speech_path, cfg.model.prompt, cfg.model.generation))])
             if key not in cached:
                 model = model or SpeechLLM.build(cfg.model).eval()
                 cached[key] = {"set": set_name, **baselines(model, manifest, limit)}
@@ -155,6 +163,11 @@ def format_report(report: dict) -> str:
         if skipped:
             lines.append("   skipped: " + ", ".join(f"{k.removeprefix('skipped/')} {v}" for k, v in skipped.items()))
     lines += comparisons(report)
+    for path, sim in report.get("simulators", {}).items():
+        lines.append(f"-- learned simulator {path} ({sim['train_pairs']} training pairs, {sim['train_seconds']:.0f} s): "
+                     f"requested vs achieved greedy WER on {sim['heldout_sentences']} held-out sentences")
+        lines += [f"   requested {b['requested']:.1f}   achieved {b['achieved']:.3f}   (uncalibrated {b['achieved_uncalibrated']:.3f})"
+                  for b in sim["bins"]]
     for name, sel in report.get("selection", {}).items():
         top = sel["clusters"][:5]
         lines.append(f"-- {name}: selection (gamma {sel['gamma']}): {sel['selected']} texts, "
@@ -187,6 +200,12 @@ def comparisons(report: dict) -> list[str]:
                 f"   (a) stage 1 only, zero-shot          {_fmt(_final(report, 'align', 'wer'))}",
                 f"   (b) stage 2 from a fresh projector   {_fmt(_final(report, 'asr_scratch', 'wer'))}",
                 f"   (c) stage 1 -> stage 2 (curriculum)  {_fmt(_final(report, 'asr', 'wer'))}"]
+    if {"align_cps", "align_learned"} <= set(stages):
+        out.append("== stages 1 and 2 by text side: WER on held-out voices (test set), same data and steps ==")
+        out.append(f"   {'text side':<28} {'stage 1 zero-shot':>18} {'stage 2':>8}")
+        for label, one, two in (("CPS (TASU's rules)", "align_cps", "asr_cps"), ("matched CPS + CPS", "align", "asr"),
+                                ("learned simulator + CPS", "align_learned", "asr_learned")):
+            out.append(f"   {label:<28} {_fmt(_final(report, one, 'wer')):>18} {_fmt(_final(report, two, 'wer')):>8}")
     for a, b, what in (("distill_nll", "distill", "stage 3: NLL (alpha 0) vs distillation (alpha 1)"),
                        ("select_uniform", "select", "stage 4: uniform (gamma 0) vs active (gamma 5) selection")):
         if {a, b} <= set(stages):

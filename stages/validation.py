@@ -35,7 +35,7 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
     if encoder is None:
         problems.append(("model.encoder.kind", f"{enc.kind!r} is not an encoder kind (have: {', '.join(sorted(ENCODER_KINDS))})"))
     else:
-        # Fields only some kinds read (cps is a section of its own, checked through matched_share).
+        # Fields only some kinds read (cps is a section of its own, checked through text_side).
         specific = sorted({f for kind in ENCODER_KINDS.values() for f in kind.fields} - {"cps"})
         for name in specific:
             key = f"model.encoder.{name}"
@@ -62,9 +62,12 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
             problems.append((key, "a text source trains the LLM to stay close to the original; with a frozen LLM "
                              "(model.llm.freeze, no LoRA) it has nothing to train: drop it or enable LoRA"))
 
-    if enc.cps.matched_share > 0 and not enc.cps.stats:
-        problems.append(("model.encoder.cps.stats", "matched_share > 0 needs the posterior statistics file "
-                         "(`python -m stages prepare posterior-stats`)"))
+    for side, key, step in (("matched", "stats", "posterior-stats"), ("learned", "simulator", "simulator")):
+        if enc.text_side == side and not enc.cps[key]:
+            problems.append((f"model.encoder.cps.{key}", f"text_side: {side} needs it (`python -m stages prepare {step}`)"))
+    if not 0.0 <= enc.cps.wer_min <= enc.cps.wer_max <= 1.0:
+        problems.append(("model.encoder.cps.wer_max", f"needs 0 <= wer_min <= wer_max <= 1, got "
+                         f"[{enc.cps.wer_min}, {enc.cps.wer_max}]"))
     if llm.load_in_4bit and llm.load_in_8bit:
         problems.append(("model.llm.load_in_8bit", "choose one of load_in_4bit and load_in_8bit"))
     if cfg.trainer.strategy == "fsdp" and (llm.load_in_4bit or llm.load_in_8bit):

@@ -85,7 +85,7 @@ def pool_index(row: torch.Tensor, pool: torch.Tensor) -> int | None:
     return hits[0] if hits else None
 
 
-def test_matched_share_one_draws_every_row_from_the_pools(tiny_model, tmp_path):
+def test_matched_text_side_draws_every_row_from_the_pools(tiny_model, tmp_path):
     enc = tiny_model.encoder
     vocab = enc.output_dim
     # Hand-made statistics: nothing confused, deleted or inserted; two real-looking vectors per unit.
@@ -96,11 +96,11 @@ def test_matched_share_one_draws_every_row_from_the_pools(tiny_model, tmp_path):
     again = PosteriorStats.load(tmp_path / "stats.pt")
     text = "the cat sat"
     ids = enc.vocab.encode(text)
-    enc.stats, enc.cps.matched_share = again, 1.0
+    enc.stats, enc.text_side, enc.cps.side_share = again, "matched", 1.0
     try:
         feats, lengths = enc.encode_text([text], [torch.Generator().manual_seed(1)])
     finally:
-        enc.stats, enc.cps.matched_share = None, 0.0
+        enc.stats, enc.text_side = None, "cps"
     assert lengths.tolist() == [len(ids)]
     drawn = [pool_index(row, pools[u]) for row, u in zip(feats[0], ids)]
     assert None not in drawn and len(set(drawn)) == 2  # each row is one of its unit's vectors, both used

@@ -62,7 +62,9 @@ RULES = [  # (stage kind, stage block, key, words of the problem)
      "model.projector.unit_lookup", "CTC encoder"),
     ("distill", "      data: {sources: {t: {manifest: t.jsonl, kind: text}}}\n", "data.sources.t.kind", "frozen LLM"),
     ("align", "      data: {sources: {t: {manifest: t.jsonl, kind: speech}}}\n", "data.sources.t.kind", "trains on"),
-    ("asr", "      model: {encoder: {cps: {matched_share: 0.5}}}\n", "model.encoder.cps.stats", "posterior-stats"),
+    ("asr", "      model: {encoder: {text_side: matched}}\n", "model.encoder.cps.stats", "posterior-stats"),
+    ("asr", "      model: {encoder: {text_side: learned}}\n", "model.encoder.cps.simulator", "prepare simulator"),
+    ("align", "      model: {encoder: {cps: {wer_min: 0.6, wer_max: 0.2}}}\n", "model.encoder.cps.wer_max", "wer_min <= wer_max"),
     ("select", "      selection: {source: synth, budget_unit: fraction}\n", "selection.pool", "not set"),
     ("asr", "      model: {llm: {load_in_4bit: true}}\n      trainer: {strategy: fsdp}\n", "trainer.strategy", "4/8-bit"),
 ]

@@ -55,8 +55,8 @@ def build_encoder(cfg: EncoderConfig) -> SpeechEncoder:
 
 register_encoder("ctc", EncoderKind(
     imported("speechllm.encoders.ctc:build_ctc_encoder"), has_text_side=True, is_ctc=True,
-    fields=("backbone", "ctc_head", "vocab", "blank_id", "lsd", "lsd_blank_threshold", "cps"),
-    about="CTC posteriors compressed by LSD (an AutoModelForCTC, or Whisper + a CTC head); text side: CPS"))
+    fields=("backbone", "ctc_head", "vocab", "blank_id", "lsd", "lsd_blank_threshold", "text_side", "cps"),
+    about="CTC posteriors compressed by LSD (an AutoModelForCTC, or Whisper + a CTC head); text side: CPS, matched CPS or a learned simulator"))
 register_encoder("whisper", EncoderKind(
     imported("speechllm.encoders.whisper:build_whisper_encoder"), has_text_side=False, is_ctc=False,
     about="continuous real-length Whisper encoder states; no text side"))

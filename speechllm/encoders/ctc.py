@@ -23,6 +23,7 @@ from speechllm.cps import simulate_ctc_posteriors
 from speechllm.encoders.base import SpeechEncoder, UnifiedEncoder, pad_sequences
 from speechllm.lsd import label_synchronous_compress
 from speechllm.posterior_stats import PosteriorStats, simulate_matched_posteriors
+from speechllm.simulator import PosteriorSimulator
 
 _SPECIAL_TOKEN = re.compile(r"<[^<>]*>|\[[^\[\]]*\]")  # <pad>, <unk>, [UNK]: spell nothing
 _STRAY_APOSTROPHE = re.compile(r"(?<![^\W\d_])'|'(?![^\W\d_])")  # quotes, not the one in "it's"
@@ -177,11 +178,9 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         self.use_lsd = cfg.lsd
         self.blank_threshold = cfg.lsd_blank_threshold
         self.cps: CPSConfig = cfg.cps
-        self.stats = None
-        if cfg.cps.matched_share > 0:
-            if not cfg.cps.stats:
-                raise ValueError("encoder.cps.matched_share > 0 needs encoder.cps.stats (python -m stages prepare posterior-stats)")
-            self.stats = PosteriorStats.load(cfg.cps.stats)
+        self.text_side = str(cfg.text_side)
+        self.stats = PosteriorStats.load(cfg.cps.stats) if self.text_side == "matched" else None
+        self.simulator = PosteriorSimulator.load(cfg.cps.simulator) if self.text_side == "learned" else None
         self.hf_model, self.feature_extractor = hf_model, feature_extractor
         self.backbone, self.head = backbone, head
         self.requires_grad_(False)
@@ -230,10 +229,8 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         rows = []
         for text, g in zip(texts, generators):
             ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
-            if self.stats is not None and torch.rand((), generator=g) < cps.matched_share:
-                rows.append(simulate_matched_posteriors(ids, self.stats, self.output_dim, g))
-            else:
-                rows.append(simulate_ctc_posteriors(ids, self.output_dim, self.blank_id, cps, g))
+            side = self.text_side if self.text_side != "cps" and torch.rand((), generator=g) < cps.side_share else "cps"
+            rows.append(TEXT_SIDES[side](self, ids, cps, g))
         rows = [r if r.shape[0] else torch.zeros(1, self.output_dim) for r in rows]  # never empty
         return pad_sequences(rows)
 
@@ -243,6 +240,19 @@ class CTCPosteriorEncoder(UnifiedEncoder):
         probs, lengths = self.posteriors(waveforms)
         best = probs.argmax(-1)
         return [self.vocab.greedy_decode(best[i, : lengths[i]].tolist()) for i in range(len(waveforms))]
+
+
+def _learned(encoder: CTCPosteriorEncoder, ids: torch.Tensor, cps: CPSConfig, g) -> torch.Tensor:
+    wer = cps.wer_min + (cps.wer_max - cps.wer_min) * float(torch.rand((), generator=g))
+    return encoder.simulator.simulate(ids, encoder.simulator.condition_for(wer), g)
+
+
+# ``encoder.text_side`` -> (encoder, one utterance's unit ids, rates, generator) -> its posteriors (L', V).
+TEXT_SIDES = {
+    "cps": lambda encoder, ids, cps, g: simulate_ctc_posteriors(ids, encoder.output_dim, encoder.blank_id, cps, g),
+    "matched": lambda encoder, ids, cps, g: simulate_matched_posteriors(ids, encoder.stats, encoder.output_dim, g),
+    "learned": _learned,
+}
 
 
 def _default_feature_extractor(model_type: str, sample_rate: int):
