@@ -78,7 +78,7 @@ class UnifiedEncoder(SpeechEncoder):
     ``torch.Generator`` per text (so a sample's simulated input depends only on its own seed,
     which keeps resumed runs identical to uninterrupted ones). ``cps`` replaces the simulation's
     rates for this call (a curriculum makes simulated input harder over training); a deterministic
-    text side ignores it. A learned simulator (TASU2) would be another implementation of this call.
+    text side ignores it.
     """
 
     def encode_text(
