@@ -4,6 +4,7 @@ the data mixture, counted skips). Validation lives in :mod:`lightning_modules.ev
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -21,6 +22,7 @@ from speechllm.config import OptimConfig, SourceKind, StageConfig
 from speechllm.distributed import all_ranks
 from speechllm.model import SpeechLLM
 from speechllm.sharding import gathered_trainable, local_tensor
+from speechllm.simulator import bins_table
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -238,6 +240,22 @@ class SpeechLLMModule(EvaluationMixin):
         datamodule = self.trainer.datamodule
         for key, n in sorted(getattr(datamodule, "skipped", {}).items()):
             self.log(f"skipped/{key}", float(n), rank_zero_only=True)
+        if getattr(self.model.encoder, "simulator", None) is not None and self.global_rank == 0:
+            self.log_simulator_report(Path(self.cfg.model.encoder.cps.simulator))
+
+    def log_simulator_report(self, folder: Path) -> None:
+        """The learned simulator this run reads: its requested vs achieved WER and posteriorgram figure."""
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        if (folder / "report.json").is_file():
+            bins = json.loads((folder / "report.json").read_text())["bins"]
+            experiment.add_text("simulator/requested_vs_achieved", bins_table(bins), self.global_step)
+        if (folder / "posteriorgram.png").is_file():
+            from matplotlib.image import imread
+
+            experiment.add_image("simulator/posteriorgram", imread(folder / "posteriorgram.png")[..., :3],
+                                 self.global_step, dataformats="HWC")
 
     def finish_step(self, out: dict, batch: dict) -> torch.Tensor:
         """Log the step and return its loss, always connected to the projector.

@@ -229,6 +229,12 @@ class PosteriorSimulator(nn.Module):
         return sim.eval().requires_grad_(False)
 
 
+def bins_table(bins: list[dict]) -> str:
+    """Markdown table of a simulator report's requested vs achieved greedy WER per bin."""
+    return "| requested WER | achieved | uncalibrated |\n|---|---|---|\n" + "\n".join(
+        f"| {b['requested']:.1f} | {b['achieved']:.3f} | {b['achieved_uncalibrated']:.3f} |" for b in bins)
+
+
 def _vector(unit: int, peak: torch.Tensor, spread_logits: torch.Tensor) -> torch.Tensor:
     """A distribution with mass ``peak`` on ``unit`` and the rest spread as ``spread_logits`` say,
     ``unit`` kept the argmax (a row the model meant as ``unit`` must decode as it)."""

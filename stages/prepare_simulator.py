@@ -41,7 +41,7 @@ from speechllm.encoders import build_encoder
 from speechllm.io import atomic_folder, atomic_open
 from speechllm.manifest import load_audio, load_manifest
 from speechllm.metrics import ErrorCounts, word_errors
-from speechllm.simulator import PosteriorSimulator, correct_errors, decode_vectors, pair_targets
+from speechllm.simulator import PosteriorSimulator, bins_table, correct_errors, decode_vectors, pair_targets
 from stages.runner import resolve_stage_configs
 
 log = logging.getLogger(__name__)
@@ -331,8 +331,7 @@ def run(args: argparse.Namespace) -> int:
                      "condition": round(sim.condition_for(wer), 4)})
         writer.add_scalar("simulator/achieved_wer", calibrated, round(wer * 100))
         writer.add_scalar("simulator/achieved_wer_uncalibrated", uncalibrated, round(wer * 100))
-    table = "| requested WER | achieved | uncalibrated |\n|---|---|---|\n" + "\n".join(
-        f"| {b['requested']:.1f} | {b['achieved']:.3f} | {b['achieved_uncalibrated']:.3f} |" for b in bins)
+    table = bins_table(bins)
     writer.add_text("simulator/requested_vs_achieved", table)
 
     # The figure: the first held-out clip with audio, real vs simulated at its own measured WER.

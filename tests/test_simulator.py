@@ -191,4 +191,10 @@ stages:
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     ramp = scalar_series(tmp_path / "runs/sim/asr/tb", "curriculum/cps/wer_max")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(tmp_path / "runs/sim/align/tb"), size_guidance={"images": 0, "tensors": 0})
+    logged.Reload()
+    assert "simulator/posteriorgram" in logged.Tags()["images"]
+    assert any("simulator/requested_vs_achieved" in tag for tag in logged.Tags()["tensors"])
     assert ramp == pytest.approx({step: 0.1 + 0.4 * step / 6 for step in range(6)}, abs=1e-6)
