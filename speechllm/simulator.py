@@ -197,8 +197,10 @@ class PosteriorSimulator(nn.Module):
         vocab = self.vocab_size
         if ids.numel() == 0:
             return torch.zeros(0, vocab)
-        ids = ids.long().flatten()[None]
-        out = self.forward(ids, torch.tensor([ids.shape[1]]), torch.tensor([float(condition)]))
+        ids = ids.long().flatten()[None].cpu()
+        device = self.unit.weight.device  # the model runs where the encoder is; sampling on the CPU,
+        out = {name: value.float().cpu() for name, value in self.forward(  # with the sample's CPU generator
+            ids.to(device), torch.tensor([ids.shape[1]], device=device), torch.tensor([float(condition)], device=device)).items()}
         wrong = torch.rand(ids.shape[1], generator=generator) < out["error"][0].sigmoid()
         instead = out["observed"][0].scatter(1, ids[0][:, None], float("-inf"))  # an error is another unit
         observed = torch.where(wrong, torch.multinomial(instead.softmax(-1), 1, generator=generator).squeeze(1), ids[0])
