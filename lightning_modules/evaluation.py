@@ -5,6 +5,8 @@ text and on speech, and the gap).
 
 Each rank evaluates its share; per-item results are gathered on every rank and de-duplicated by id
 (the distributed sampler pads with repeats), so the numbers equal a single-process evaluation.
+Next to each measure, ``<metric>_low``/``<metric>_high``: its 95 % percentile bootstrap interval over
+the set's items (:mod:`speechllm.intervals`, seeded, so every rank computes the same bounds).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import lightning as L
 import torch
 
 from speechllm.distributed import all_gather_objects
+from speechllm.intervals import bootstrap_interval
 from speechllm.measures import misalignment_forgetting, multiple_choice
 from speechllm.metrics import corpus_errors
 from speechllm.sequences import speech_and_text_views
@@ -26,22 +29,48 @@ def gather_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"])
 
 
+# The bootstrap behind every ``<metric>_low``/``<metric>_high``: items resampled with replacement.
+INTERVAL_RESAMPLES, INTERVAL_LEVEL, INTERVAL_SEED = 1000, 0.95, 0
+
+
+def _with_interval(name: str, value: float, sums: list[float], counts: list[float] | None = None) -> dict[str, float]:
+    """``{name: value, name_low, name_high}`` for the ratio ``sum(sums) / sum(counts)`` over items (the
+    bounds only where there are items with a count). One seed for all: the measures of a set share their
+    resamples (a paired bootstrap), and every rank, holding the same gathered items, the same bounds."""
+    counts = [1.0] * len(sums) if counts is None else counts
+    if not sums or sum(counts) <= 0:
+        return {name: value}
+    low, high = bootstrap_interval(sums, counts, resamples=INTERVAL_RESAMPLES, level=INTERVAL_LEVEL, seed=INTERVAL_SEED)
+    return {name: value, f"{name}_low": low, f"{name}_high": high}
+
+
 def summarise(kind: str, rows: list[dict[str, Any]], normalizer: str = "whisper") -> dict[str, float]:
-    """The metrics of one evaluation set from its per-item rows (WER after ``normalizer``)."""
+    """The metrics of one evaluation set from its per-item rows (WER after ``normalizer``), each measure
+    with its bootstrap interval over the items (utterances, documents, questions)."""
     if kind == "wer":
-        total, _ = corpus_errors([r["ref"] for r in rows], [r["hyp"] for r in rows], normalizer)
-        return {"wer": total.wer, "substitutions": total.substitutions, "deletions": total.deletions,
+        total, per_utt = corpus_errors([r["ref"] for r in rows], [r["hyp"] for r in rows], normalizer)
+        errors = [u.substitutions + u.deletions + u.insertions for u in per_utt]
+        return {**_with_interval("wer", total.wer, errors, [u.ref_words for u in per_utt]),
+                "substitutions": total.substitutions, "deletions": total.deletions,
                 "insertions": total.insertions, "ref_words": total.ref_words}
     if kind == "measure":
-        m_count = sum(r["m_count"] for r in rows)
-        f_count = sum(r["f_count"] for r in rows)
-        return {"M": sum(r["m_sum"] for r in rows) / max(m_count, 1), "F": sum(r["f_sum"] for r in rows) / max(f_count, 1),
-                "M_positions": m_count}
+        out = {}
+        for name, key in (("M", "m"), ("F", "f")):
+            sums, counts = [r[f"{key}_sum"] for r in rows], [r[f"{key}_count"] for r in rows]
+            out.update(_with_interval(name, sum(sums) / max(sum(counts), 1), sums, counts))
+        return {**out, "M_positions": sum(r["m_count"] for r in rows)}
     if kind == "mc":
         n = max(len(rows), 1)
-        acc = {key: sum(r[key] == r["answer"] for r in rows) / n for key in ("speech", "text", "text_original")}
-        return {"acc_speech": acc["speech"], "acc_text": acc["text"], "acc_text_original": acc["text_original"],
-                "gap": acc["text_original"] - acc["speech"], "text_gap": acc["text_original"] - acc["text"]}
+        right = {key: [float(r[key] == r["answer"]) for r in rows] for key in ("speech", "text", "text_original")}
+        acc = {key: sum(v) / n for key, v in right.items()}
+        # The gaps are means of per-question differences: their intervals are paired.
+        gap = [o - s for o, s in zip(right["text_original"], right["speech"])]
+        text_gap = [o - t for o, t in zip(right["text_original"], right["text"])]
+        return {**_with_interval("acc_speech", acc["speech"], right["speech"]),
+                **_with_interval("acc_text", acc["text"], right["text"]),
+                **_with_interval("acc_text_original", acc["text_original"], right["text_original"]),
+                **_with_interval("gap", acc["text_original"] - acc["speech"], gap),
+                **_with_interval("text_gap", acc["text_original"] - acc["text"], text_gap)}
     raise ValueError(f"unknown evaluation kind {kind!r}")
 
 
@@ -92,7 +121,7 @@ class EvaluationMixin(L.LightningModule):
         for idx, (kind, name) in enumerate(datamodule.eval_index(split) if datamodule else []):
             rows = gather_items(self._eval_outputs.get(idx, []))
             for key, value in summarise(kind, rows, self.cfg.data.wer_normalizer).items():
-                # Every rank holds the same gathered numbers: no further reduction.
+                # Every rank holds the same gathered numbers (and seeded bounds): no further reduction.
                 self.log(f"{split}/{name}/{key}", float(value), add_dataloader_idx=False, sync_dist=False)
             if kind == "wer" and self.global_rank == 0 and rows:
                 self.log_text_samples(f"{split}/{name}", rows)

@@ -132,6 +132,14 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _fmt_interval(value, low=None, high=None) -> str:
+    """``value [low, high]``: a measure and its bootstrap interval (the value alone where none was recorded)."""
+    return _fmt(value) if value is None or low is None or high is None else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+BOUNDS = ("", "_low", "_high")  # a metric's key suffixes: its value and its interval
+
+
 SHOWN = {"wer": "WER", "M": "M", "F": "F", "acc_speech": "acc speech", "acc_text": "acc text",
          "acc_text_original": "acc text (original LLM)", "gap": "gap (text orig. - speech)"}
 
@@ -157,8 +165,8 @@ def format_report(report: dict) -> str:
         for set_name, metrics in _eval_sets(m).items():
             for metric, label in SHOWN.items():
                 if metric in metrics:
-                    before, after = metrics[metric]
-                    lines.append(f"   {set_name:<14} {label:<26} {_fmt(before)} -> {_fmt(after)}")
+                    before, after = (_fmt_interval(*(metrics.get(metric + b, (None, None))[i] for b in BOUNDS)) for i in (0, 1))
+                    lines.append(f"   {set_name:<14} {label:<26} {before} -> {after}")
         skipped = {k: v for k, v in m.items() if k.startswith("skipped/") and v}
         if skipped:
             lines.append("   skipped: " + ", ".join(f"{k.removeprefix('skipped/')} {v}" for k, v in skipped.items()))
@@ -180,40 +188,47 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _final(report: dict, stage: str, metric: str) -> float | None:
-    """A stage's final value of ``metric``: on its test set where it has one, else on validation."""
-    m = report["stages"].get(stage, {})
+def _final_key(m: dict, metric: str) -> str | None:
+    """The key of a stage's final ``metric``: on its test set where it has one, else on validation."""
     for split in ("test", "val"):
-        for key, value in m.items():
+        for key in m:
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == split and parts[2] == metric:
-                return value
+                return key
     return None
 
 
+def _final(report: dict, stage: str, metric: str) -> str:
+    """A stage's final ``metric`` with its interval, formatted (``-`` where it has none)."""
+    m = report["stages"].get(stage, {})
+    key = _final_key(m, metric)
+    return _fmt_interval(*(m.get(key + b) for b in BOUNDS)) if key else _fmt(None)
+
+
 def comparisons(report: dict) -> list[str]:
-    """The tables of the comparison runs, for the stages that ran."""
+    """The tables of the comparison runs, for the stages that ran (each value with its 95 % interval)."""
     out = []
     stages = report["stages"]
     if {"asr", "asr_scratch"} <= set(stages):
         out += ["== stage 2: WER on held-out voices (test set) at the same real-speech budget and steps ==",
-                f"   (a) stage 1 only, zero-shot          {_fmt(_final(report, 'align', 'wer'))}",
-                f"   (b) stage 2 from a fresh projector   {_fmt(_final(report, 'asr_scratch', 'wer'))}",
-                f"   (c) stage 1 -> stage 2 (curriculum)  {_fmt(_final(report, 'asr', 'wer'))}"]
+                f"   (a) stage 1 only, zero-shot          {_final(report, 'align', 'wer')}",
+                f"   (b) stage 2 from a fresh projector   {_final(report, 'asr_scratch', 'wer')}",
+                f"   (c) stage 1 -> stage 2 (curriculum)  {_final(report, 'asr', 'wer')}"]
     if {"align_cps", "align_learned"} <= set(stages):
         out.append("== stages 1 and 2 by text side: WER on held-out voices (test set), same data and steps ==")
-        out.append(f"   {'text side':<28} {'stage 1 zero-shot':>18} {'stage 2':>8}")
+        out.append(f"   {'text side':<28} {'stage 1 zero-shot':>22} {'stage 2':>22}")
         for label, one, two in (("CPS (TASU's rules)", "align_cps", "asr_cps"), ("matched CPS + CPS", "align", "asr"),
                                 ("learned simulator + CPS", "align_learned", "asr_learned")):
-            out.append(f"   {label:<28} {_fmt(_final(report, one, 'wer')):>18} {_fmt(_final(report, two, 'wer')):>8}")
+            out.append(f"   {label:<28} {_final(report, one, 'wer'):>22} {_final(report, two, 'wer'):>22}")
     for a, b, what in (("distill_nll", "distill", "stage 3: NLL (alpha 0) vs distillation (alpha 1)"),
                        ("select_uniform", "select", "stage 4: uniform (gamma 0) vs active (gamma 5) selection")):
         if {a, b} <= set(stages):
             out.append(f"== {what}, held-out ==")
+            out.append(f"   {'':<26} {a:>22} {b:>22}")
             for metric, label in SHOWN.items():
                 if metric == "wer":
                     continue
-                out.append(f"   {label:<26} {_fmt(_final(report, a, metric)):>8} {_fmt(_final(report, b, metric)):>8}")
+                out.append(f"   {label:<26} {_final(report, a, metric):>22} {_final(report, b, metric):>22}")
     return out
 
 

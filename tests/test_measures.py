@@ -139,6 +139,20 @@ def test_m_and_f_equal_a_full_logit_kl_written_by_hand(tiny_model_cfg):
     assert max(abs(r - w) / w for r, w in zip(reverse_m, want_m)) > 0.05, (reverse_m, want_m)
 
 
+@torch.no_grad()
+def test_the_evaluation_of_a_tiny_model_brackets_m_and_f(tiny_model_cfg):
+    """The per-document rows of a real evaluation, summarised: each bound lies between the least and the
+    greatest document's own mean (a resampled ratio of sums is a weighted mean of them), around the value."""
+    model = lora_model(tiny_model_cfg)
+    perturb_lora(model)
+    rows = misalignment_forgetting(model, build_views(model, noise))
+    got = summarise("measure", rows)
+    for name, key in (("M", "m"), ("F", "f")):
+        items = [r[f"{key}_sum"] / r[f"{key}_count"] for r in rows]
+        assert min(items) - 1e-9 <= got[f"{name}_low"] <= got[name] <= got[f"{name}_high"] <= max(items) + 1e-9
+        assert got[f"{name}_high"] - got[f"{name}_low"] > 1e-6  # two different documents: not a point
+
+
 # -- multiple choice ---------------------------------------------------------------------------------
 
 MC_CONTEXTS = ["the big dog sat on the", "we go home"]
@@ -183,5 +197,6 @@ def test_multiple_choice_accuracies_and_the_gap():
     rows = [{"answer": 1, "speech": s, "text": t, "text_original": o}
             for s, t, o in [(1, 1, 1), (0, 1, 1), (0, 0, 1), (2, 0, 0)]]
     got = summarise("mc", rows)
-    assert got == pytest.approx({"acc_speech": 0.25, "acc_text": 0.5, "acc_text_original": 0.75,
-                                 "gap": 0.75 - 0.25, "text_gap": 0.75 - 0.5})
+    want = {"acc_speech": 0.25, "acc_text": 0.5, "acc_text_original": 0.75, "gap": 0.75 - 0.25, "text_gap": 0.75 - 0.5}
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    assert set(got) == {k + b for k in want for b in ("", "_low", "_high")}  # each with its interval
