@@ -5,8 +5,16 @@ everywhere) and its states are cached on disk; the head (:class:`CTCHead`) is th
 states with CTC and scored by greedy decoding on held-out voices. Outputs::
 
     <out>/head.safetensors, head.json    CTCHead.save (what `encoder.ctc_head` points at)
-    <out>/report.json                    units, settings, eval CER/WER, examples, per-epoch history
+    <out>/report.json                    units, settings, clips per training source, eval CER/WER, examples,
+                                         per-epoch history
     <cache>/<manifest>-<hash>.safetensors  the frozen states of one manifest (default cache: <out>/../ctc-features)
+    <cache>/<manifest>-<hash>-aug<k>-<hash>.safetensors  those of its augmented copy k (per seed and settings)
+
+SpecAugment on the cached states cannot make TTS voices sound like people in rooms and on phones, so
+``--augment-copies N`` (default 0) also trains on N waveform-augmented copies of every training clip
+(:func:`speechllm.augment.augment_seeded` with every transform possible, seeded by clip, copy and
+``--seed``), each encoded once and cached like the clean states; ``--extra-train`` adds more speech
+(e.g. ``prepare real-speech``'s recordings), clean and augmented alike. Targets are the clip's text.
 
 Units: ``chars`` (blank, space, a-z, apostrophe), or the LLM tokenizer's most frequent tokens in the
 text corpus plus those characters (``llm``: ~1500 tokens, ``hybrid``: a few hundred). Training targets
@@ -31,7 +39,8 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jiwer
@@ -40,6 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
+from speechllm.augment import AugmentConfig, augment_seeded
 from speechllm.encoders.base import pad_sequences
 from speechllm.encoders.ctc import CTCHead, CTCVocabulary
 from speechllm.encoders.whisper import WhisperSpeechEncoder
@@ -140,9 +150,28 @@ class Features:
         """Some of the clips, sharing this one's feature tensor."""
         return Features([self.ids[i] for i in indices], self.feats, self.lengths[indices], self.offsets[indices])
 
+    def clip(self, i: int) -> torch.Tensor:
+        return self.feats[self.offsets[i] : self.offsets[i] + self.lengths[i]]
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        clips = [self.feats[self.offsets[i] : self.offsets[i] + self.lengths[i]].float() for i in indices]
-        return pad_sequences(clips)
+        return pad_sequences([self.clip(i).float() for i in indices])
+
+
+class FeatureSet:
+    """Several :class:`Features` as one (clean and augmented copies of several manifests), without
+    copying their tensors: clip ``i`` of the set is a clip of the part it falls in."""
+
+    def __init__(self, parts: list[Features]) -> None:
+        self.parts = parts
+        self.ids = [clip_id for part in parts for clip_id in part.ids]
+        self.lengths = torch.cat([part.lengths for part in parts])
+        self._where = [(k, i) for k, part in enumerate(parts) for i in range(len(part))]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_sequences([self.parts[k].clip(i).float() for k, i in map(self._where.__getitem__, indices)])
 
 
 def _file_key(path: Path) -> dict:
@@ -161,12 +190,39 @@ def whisper_key(whisper_dir: str | Path) -> dict:
             "files": [_file_key(p) for p in sorted(folder.glob("*")) if p.suffix in (".json", ".safetensors")]}
 
 
+def augment_settings(cfg: AugmentConfig | None = None) -> dict:
+    """The augmentation of the training copies as plain data (default: every transform possible)."""
+    return asdict(cfg if cfg is not None else AugmentConfig(prob=1.0))
+
+
+def augment_seed(seed: int, clip: int, copy: int) -> int:
+    """The augmentation seed of copy ``copy`` (1..) of clip ``clip`` (its index in the manifest): a hash,
+    so no two (seed, clip, copy) share one and no other stage's seeding coincides with it."""
+    digest = hashlib.sha1(f"ctc-head-augment/{seed}/{clip}/{copy}".encode()).digest()
+    return int.from_bytes(digest[:7], "big")
+
+
 def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: str | Path,
-                    batch_size: int = 8) -> Features:
-    """The frozen Whisper states of every clip, computed once and cached (keyed by manifest and encoder)."""
+                    batch_size: int = 8, *, copy: int = 0, seed: int = 0,
+                    augment_cfg: AugmentConfig | None = None) -> Features:
+    """The frozen Whisper states of every clip, computed once and cached (keyed by manifest and encoder).
+
+    ``copy`` 0: the clips as recorded. ``copy`` k >= 1: each clip augmented by ``augment_cfg`` (default:
+    ``AugmentConfig(prob=1.0)``) with the seed :func:`augment_seed` (``seed``, its index, k), cached in a
+    file of its own keyed also by k, ``seed`` and the augmentation settings. A copy that speed
+    perturbation makes longer than Whisper's window gets 0 frames (:func:`ctc_targets` skips it).
+    """
     manifest, cache_dir = Path(manifest), Path(cache_dir)
-    key = json.dumps({"manifest": _file_key(manifest), "whisper": whisper_key(whisper_dir)}, sort_keys=True)
-    path = cache_dir / f"{manifest.stem}-{hashlib.sha1(str(manifest.resolve()).encode()).hexdigest()[:10]}.safetensors"
+    if copy < 0:
+        raise ValueError(f"copy must be 0 (clean) or a positive copy index, got {copy}")
+    fields = {"manifest": _file_key(manifest), "whisper": whisper_key(whisper_dir)}
+    name = f"{manifest.stem}-{hashlib.sha1(str(manifest.resolve()).encode()).hexdigest()[:10]}"
+    if copy:
+        augmentation = {"copy": copy, "seed": seed, "settings": augment_settings(augment_cfg)}
+        fields["augment"] = augmentation
+        name += f"-aug{copy}-" + hashlib.sha1(json.dumps(augmentation, sort_keys=True).encode()).hexdigest()[:8]
+    key = json.dumps(fields, sort_keys=True)
+    path = cache_dir / f"{name}.safetensors"
     if path.is_file():
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
@@ -176,16 +232,36 @@ def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: st
 
     items = load_manifest(manifest, require_audio=True)
     encoder = WhisperSpeechEncoder.from_pretrained(whisper_dir)
+    if copy and augment_cfg is None:
+        augment_cfg = AugmentConfig(prob=1.0)
+    max_samples = encoder.max_mel_frames * encoder.feature_extractor.hop_length
     start = time.perf_counter()
     # Batches of similar length waste little on padding; the output does not depend on the batching.
     order = sorted(range(len(items)), key=lambda i: items[i].duration or 0.0)
     states: list[torch.Tensor | None] = [None] * len(items)
-    for first in tqdm(range(0, len(order), batch_size), desc=f"encoding {manifest.name}", unit="batch"):
-        chunk = order[first : first + batch_size]
-        feats, lengths = encoder.encode_speech([load_audio(items[i].audio, SAMPLE_RATE) for i in chunk])
+    too_long = 0
+    desc = f"encoding {manifest.name}" + (f" (augmented copy {copy})" if copy else "")
+    for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        chunk, waves = [], []
+        for i in order[first : first + batch_size]:
+            wave = load_audio(items[i].audio, SAMPLE_RATE)
+            if copy:
+                wave = augment_seeded(wave, SAMPLE_RATE, augment_cfg, augment_seed(seed, i, copy))
+                if wave.shape[0] > max_samples:  # slowed down past 30 s
+                    states[i], too_long = torch.zeros(0, encoder.output_dim, dtype=torch.float16), too_long + 1
+                    continue
+            chunk.append(i)
+            waves.append(wave)
+        if not chunk:
+            continue
+        feats, lengths = encoder.encode_speech(waves)
         for row, i in enumerate(chunk):
             states[i] = feats[row, : lengths[row]].half()
-    log.info("encoded %d clips of %s in %.0f s", len(items), manifest, time.perf_counter() - start)
+    if too_long:
+        log.warning("%s, copy %d: %d augmented clips longer than Whisper's window, not encoded", manifest, copy,
+                    too_long)
+    log.info("encoded %d clips of %s%s in %.0f s", len(items), manifest, f" (copy {copy})" if copy else "",
+             time.perf_counter() - start)
     features = Features([u.id for u in items], torch.cat(states), torch.tensor([s.shape[0] for s in states]))
 
     # A rebuildable cache: no fsync.
@@ -207,7 +283,9 @@ def ctc_targets(vocab: CTCVocabulary, utterances: list[Utterance], lengths: torc
     for i, (utt, n_frames) in enumerate(zip(utterances, lengths.tolist())):
         ids = vocab.encode(utt.text)
         repeats = sum(a == b for a, b in zip(ids, ids[1:]))  # CTC needs a blank between repeated units
-        if _DIGIT.search(utt.text):
+        if n_frames == 0:
+            skipped["too_long"] += 1  # an augmented copy past Whisper's window (encode_manifest)
+        elif _DIGIT.search(utt.text):
             skipped["digits"] += 1  # spoken as words the units cannot spell: a wrong target
         elif not ids:
             skipped["empty_target"] += 1
@@ -287,7 +365,7 @@ def score(refs: list[str], hyps: list[str]) -> dict:
                                             for k, v in errors.as_dict().items()}}
 
 
-def train_head(head: CTCHead, vocab: CTCVocabulary, train: Features, targets: list[list[int]],
+def train_head(head: CTCHead, vocab: CTCVocabulary, train: Features | FeatureSet, targets: list[list[int]],
                evaluate: Features, eval_refs: list[str], *, epochs: int, batch_size: int, lr: float,
                seed: int, augment: bool) -> list[dict]:
     """AdamW with warm-up + cosine decay and gradient clipping; greedy eval CER/WER after every epoch."""
@@ -351,12 +429,19 @@ def prepare_ctc_head(
     max_units: int | None = None,
     text_manifest: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    augment_copies: int = 0,
+    extra_train: Sequence[str | Path] = (),
 ) -> dict:
     """Train (or reuse) a CTC head on frozen Whisper states; return its report (``reused`` says which).
 
     ``text_manifest``: the text corpus whose token frequencies pick ``llm``/``hybrid`` units (default:
     the training transcripts). ``llm_dir`` defaults to the embedded SmolLM2 for those units.
+    ``augment_copies``: waveform-augmented copies of every training clip trained on besides the clean
+    one; ``extra_train``: more speech manifests trained on like ``train_manifest``. Both enter the
+    settings only when used, so a head trained without them is still reused.
     """
+    if augment_copies < 0:
+        raise ValueError(f"augment_copies must be >= 0, got {augment_copies}")
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "ctc-features"
     if units != "chars" and llm_dir is None:
@@ -371,31 +456,52 @@ def prepare_ctc_head(
         "eval": _file_key(Path(eval_manifest)), "text": _file_key(text_source),
         "llm": None if units == "chars" else str(Path(llm_dir).resolve()),
     }
+    if augment_copies:
+        settings["augment_copies"] = augment_copies
+        settings["augment_settings"] = augment_settings()
+    if extra_train:
+        settings["extra_train"] = [_file_key(Path(m)) for m in extra_train]
     report = _saved_report(out_dir, settings)
     if report is not None:
         log.info("%s already holds a CTC head for these settings: not retraining", out_dir)
         return {**report, "reused": True}
 
     start = time.perf_counter()
-    train_items = load_manifest(train_manifest, require_audio=True)
+    sources = [Path(train_manifest), *map(Path, extra_train)]
+    source_items = [load_manifest(m, require_audio=True) for m in sources]
     eval_items = load_manifest(eval_manifest, require_audio=True)
-    train_feats = encode_manifest(train_manifest, whisper_dir, cache_dir)
+    # (source, copy) -> states; copy 0 is the clean clips.
+    source_feats = [[encode_manifest(m, whisper_dir, cache_dir, copy=copy, seed=seed)
+                     for copy in range(augment_copies + 1)] for m in sources]
     eval_feats = encode_manifest(eval_manifest, whisper_dir, cache_dir)
     encode_seconds = time.perf_counter() - start
 
     texts = [u.text for u in load_manifest(text_source, require_audio=False)]
     unit_list, token_ids = build_units(units, texts, llm_dir, settings["max_units"])
     vocab = CTCVocabulary(unit_list, blank_id=0)
-    keep, targets, skipped = ctc_targets(vocab, train_items, train_feats.lengths)
-    if not keep:
+    parts, targets, skipped, source_report = [], [], Counter(), []
+    for manifest, items, copies in zip(sources, source_items, source_feats):
+        kept, source_skipped = 0, Counter()
+        for feats in copies:
+            keep, copy_targets, copy_skipped = ctc_targets(vocab, items, feats.lengths)
+            parts.append(feats.subset(keep))
+            targets += copy_targets
+            kept += len(keep)
+            source_skipped += copy_skipped
+        skipped += source_skipped
+        source_report.append({"manifest": str(manifest), "clips": len(items), "copies": len(copies),
+                              "train_clips": kept, "skipped": dict(source_skipped)})
+        log.info("%s: %d clips x %d copies, %d to train on (skipped: %s)", manifest, len(items), len(copies),
+                 kept, dict(source_skipped) or "none")
+    if not targets:
         raise ValueError(f"{train_manifest}: no clip has a usable CTC target (skipped: {dict(skipped)})")
-    log.info("%d units (%s); training on %d of %d clips (skipped: %s)", len(vocab), units, len(keep),
-             len(train_items), dict(skipped) or "none")
-    train_set = train_feats.subset(keep)
+    log.info("%d units (%s); training on %d clips (skipped: %s)", len(vocab), units, len(targets),
+             dict(skipped) or "none")
+    train_set = parts[0] if len(parts) == 1 else FeatureSet(parts)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = CTCHead(train_feats.feats.shape[-1], unit_list, blank_id=0, kind=kind, hidden=hidden)
+        head = CTCHead(eval_feats.feats.shape[-1], unit_list, blank_id=0, kind=kind, hidden=hidden)
     eval_refs = [u.text for u in eval_items]
     start = time.perf_counter()
     history = train_head(head, vocab, train_set, targets, eval_feats, eval_refs, epochs=epochs,
@@ -405,7 +511,8 @@ def prepare_ctc_head(
 
     report = {
         "units": units, "vocab_size": len(vocab), "kind": kind, "hidden": hidden, "epochs": epochs,
-        "train_clips": len(keep), "skipped": dict(skipped), "encode_seconds": round(encode_seconds, 1),
+        "train_clips": len(targets), "skipped": dict(skipped), "augment_copies": augment_copies,
+        "train_sources": source_report, "encode_seconds": round(encode_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "eval": {"manifest": str(eval_manifest), "clips": len(eval_items), **score(eval_refs, hyps)},
         "examples": [{"id": u.id, "ref": u.text, "hyp": h} for u, h in list(zip(eval_items, hyps))[:5]],
@@ -436,6 +543,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     parser.add_argument("--no-augment", dest="augment", action="store_false", help="no SpecAugment")
+    parser.add_argument("--augment-copies", type=int, default=0,
+                        help="waveform-augmented copies of every training clip, encoded and cached once, trained on "
+                             "besides the clean one (default: %(default)s)")
+    parser.add_argument("--extra-train", action="append", type=Path, default=[], metavar="MANIFEST",
+                        help="more training speech (e.g. prepare real-speech's train.jsonl), clean and augmented "
+                             "like --train; repeatable")
     parser.add_argument("--cache-dir", type=Path, help="frozen-feature cache (default: <out>/../ctc-features)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -451,8 +564,8 @@ def run(args: argparse.Namespace) -> int:
         args.train, args.eval, args.out, whisper_dir=args.whisper, units=args.units, kind=args.kind,
         hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         augment=args.augment, llm_dir=args.llm, max_units=args.max_units, text_manifest=args.text,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, augment_copies=args.augment_copies, extra_train=args.extra_train,
     )
-    print(json.dumps({k: report[k] for k in ("units", "vocab_size", "train_clips", "skipped", "train_seconds",
-                                            "eval", "reused")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("units", "vocab_size", "train_clips", "skipped", "train_sources",
+                                            "train_seconds", "eval", "reused") if k in report}, indent=1))
     return 0

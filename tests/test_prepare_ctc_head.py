@@ -13,7 +13,7 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from speechllm.encoders.ctc import CTCHead, CTCVocabulary
-from speechllm.manifest import write_manifest
+from speechllm.manifest import load_manifest, write_manifest
 from stages import prepare_ctc_head as prep
 
 SR = 16000
@@ -170,3 +170,133 @@ def test_head_overfits_a_repeated_tiny_batch():
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0]
     assert prep.transcribe(head, vocab, feats) == texts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Waveform-augmented copies and extra training speech
+# ---------------------------------------------------------------------------------------------------
+
+# The settings of a head trained without --augment-copies / --extra-train: unchanged, so such heads are reused.
+PLAIN_SETTINGS = {"units", "max_units", "kind", "hidden", "epochs", "batch_size", "lr", "seed", "augment",
+                  "whisper", "train", "eval", "text", "llm"}
+
+
+def _no_encoder(*args, **kwargs):
+    raise AssertionError("re-encoded although the cache is valid")
+
+
+def test_augmented_copies_are_seeded_cached_and_differ_from_the_clean_clips(data, whisper_dir, tmp_path,
+                                                                            monkeypatch):
+    clean = prep.encode_manifest(data["train"], whisper_dir, tmp_path)
+    first = prep.encode_manifest(data["train"], whisper_dir, tmp_path, copy=1, seed=3)
+    second = prep.encode_manifest(data["train"], whisper_dir, tmp_path, copy=2, seed=3)
+    assert first.ids == clean.ids == second.ids
+    def changed(a: prep.Features, b: prep.Features) -> int:  # clips whose length (speed) or states differ
+        return sum(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(map(a.clip, range(len(a))),
+                                                                                  map(b.clip, range(len(b)))))
+
+    # prob=1.0 augments every clip, though ~7 % draw no transform at all: most clips change.
+    assert changed(clean, first) >= 4 and changed(clean, second) >= 4 and changed(first, second) >= 4
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) == 3 and sum("-aug1-" in f for f in files) == sum("-aug2-" in f for f in files) == 1
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.safetensors")}
+
+    with monkeypatch.context() as m:
+        m.setattr(prep.WhisperSpeechEncoder, "from_pretrained", _no_encoder)
+        again = prep.encode_manifest(data["train"], whisper_dir, tmp_path, copy=1, seed=3)
+        with pytest.raises(AssertionError, match="re-encoded"):  # another seed is another copy
+            prep.encode_manifest(data["train"], whisper_dir, tmp_path, copy=1, seed=4)
+    torch.testing.assert_close(again.feats, first.feats)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.safetensors")} == mtimes
+    # The seed fixes the copy: encoded afresh elsewhere, it is the same.
+    fresh = prep.encode_manifest(data["train"], whisper_dir, tmp_path / "elsewhere", copy=1, seed=3)
+    torch.testing.assert_close(fresh.feats, first.feats)
+    assert torch.equal(fresh.lengths, first.lengths)
+
+
+def _head_kwargs(whisper_dir, tmp_path, **overrides) -> dict:
+    return {"whisper_dir": whisper_dir, "units": "chars", "hidden": 16, "epochs": 1, "batch_size": 2,
+            "cache_dir": tmp_path / "cache", **overrides}
+
+
+def test_augment_copies_double_the_training_set_and_reuse_their_cache(data, whisper_dir, tmp_path, monkeypatch):
+    out = tmp_path / "head"
+    report = prep.prepare_ctc_head(data["train"], data["eval"], out,
+                                   **_head_kwargs(whisper_dir, tmp_path, augment_copies=1))
+    assert not report["reused"] and report["augment_copies"] == 1
+    assert report["train_clips"] == 8 and report["skipped"] == {"digits": 2, "too_short": 2}
+    assert report["train_sources"] == [{"manifest": str(data["train"]), "clips": 6, "copies": 2, "train_clips": 8,
+                                        "skipped": {"digits": 2, "too_short": 2}}]
+    assert report["settings"]["augment_copies"] == 1
+    assert report["settings"]["augment_settings"] == prep.augment_settings()
+    assert report["settings"]["augment_settings"]["prob"] == 1.0
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.safetensors")}
+    assert len(cached) == 3 and sum("-aug1-" in p.name for p in cached) == 1  # train, its copy, eval
+
+    with monkeypatch.context() as m:  # another head from the same features: nothing is encoded again
+        m.setattr(prep.WhisperSpeechEncoder, "from_pretrained", _no_encoder)
+        again = prep.prepare_ctc_head(data["train"], data["eval"], out,
+                                      **_head_kwargs(whisper_dir, tmp_path, augment_copies=1, hidden=8))
+    assert not again["reused"] and again["train_clips"] == 8
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.safetensors")} == cached
+
+
+def test_no_augment_copies_keeps_the_settings_of_before(data, whisper_dir, tmp_path):
+    out = tmp_path / "head"
+    report = prep.prepare_ctc_head(data["train"], data["eval"], out, **_head_kwargs(whisper_dir, tmp_path))
+    assert set(report["settings"]) == PLAIN_SETTINGS
+    assert report["augment_copies"] == 0 and report["train_clips"] == 4
+    assert not any("-aug" in p.name for p in (tmp_path / "cache").iterdir())
+    again = prep.prepare_ctc_head(data["train"], data["eval"], out,
+                                  **_head_kwargs(whisper_dir, tmp_path, augment_copies=0, extra_train=[]))
+    assert again["reused"]
+    # A head saved before these options existed (no such report fields) is reused too.
+    saved = json.loads((out / "report.json").read_text())
+    for field in ("augment_copies", "train_sources"):
+        del saved[field]
+    (out / "report.json").write_text(json.dumps(saved))
+    assert prep.prepare_ctc_head(data["train"], data["eval"], out, **_head_kwargs(whisper_dir, tmp_path))["reused"]
+
+
+def test_extra_train_adds_its_clips_clean_and_augmented(data, whisper_dir, tmp_path):
+    extra = _manifest(tmp_path / "real", "real", [("the dog ran", 1.5), ("we saw a cat", 1.5)])
+    out = tmp_path / "head"
+    report = prep.prepare_ctc_head(data["train"], data["eval"], out,
+                                   **_head_kwargs(whisper_dir, tmp_path, extra_train=[extra]))
+    assert report["train_clips"] == 4 + 2
+    assert [s["manifest"] for s in report["train_sources"]] == [str(data["train"]), str(extra)]
+    assert report["train_sources"][1] == {"manifest": str(extra), "clips": 2, "copies": 1, "train_clips": 2,
+                                          "skipped": {}}
+    assert report["settings"]["extra_train"] == [prep._file_key(extra)] and "augment_copies" not in report["settings"]
+    both = prep.prepare_ctc_head(data["train"], data["eval"], out,
+                                 **_head_kwargs(whisper_dir, tmp_path, extra_train=[extra], augment_copies=1))
+    assert not both["reused"] and both["train_clips"] == 2 * (4 + 2)
+    assert [s["copies"] for s in both["train_sources"]] == [2, 2] and both["train_sources"][1]["train_clips"] == 4
+
+
+def test_feature_set_batches_clips_of_several_parts():
+    a = prep.Features(["a0", "a1"], torch.arange(10.0).repeat(2, 1).T.half(), torch.tensor([3, 7]))
+    b = prep.Features(["b0"], torch.full((4, 2), -1.0).half(), torch.tensor([4]))
+    both = prep.FeatureSet([a.subset([1]), b])
+    assert len(both) == 2 and both.ids == ["a1", "b0"] and both.lengths.tolist() == [7, 4]
+    feats, lengths = both.batch([1, 0])
+    assert lengths.tolist() == [4, 7] and feats.shape == (2, 7, 2)
+    torch.testing.assert_close(feats[0, :4], torch.full((4, 2), -1.0))
+    torch.testing.assert_close(feats[1, :, 0], torch.arange(3.0, 10.0))
+
+
+def test_an_augmented_copy_past_whispers_window_is_skipped(data, whisper_dir, tmp_path, monkeypatch):
+    """Slowing a clip down can take it past 30 s: that copy gets no frames and is not trained on."""
+    augment = prep.augment_seeded
+
+    def slowed(wave, sample_rate, cfg, seed):
+        if seed == prep.augment_seed(0, 0, 1):  # the first clip's copy: longer than 30 s
+            return torch.zeros(31 * sample_rate)
+        return augment(wave, sample_rate, cfg, seed)
+
+    monkeypatch.setattr(prep, "augment_seeded", slowed)
+    copy = prep.encode_manifest(data["train"], whisper_dir, tmp_path, copy=1)
+    assert copy.lengths[0] == 0 and (copy.lengths[1:] > 0).all()
+    vocab = CTCVocabulary([prep.BLANK, *prep.CHARS], blank_id=0)
+    keep, _, skipped = prep.ctc_targets(vocab, load_manifest(data["train"]), copy.lengths)
+    assert keep == [1, 2, 3] and skipped == {"too_long": 1, "digits": 1, "too_short": 1}
