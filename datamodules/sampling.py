@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
@@ -39,6 +40,13 @@ class BatchStream(Protocol):
 def _check_rank(owner: str, rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"{owner}: rank {rank} with world_size {world_size}; need 0 <= rank < world_size")
+
+
+def sample_seed(run_seed: int, source: str, draw: int) -> int:
+    """The seed of one sample's random input: a function of the run seed, its source's name and its
+    draw number only, so it is the same whatever the batch, the rank, the worker or the resume
+    (``SpeechLLMModule.sample_generators``, waveform augmentation in ``datamodules.speech_text``)."""
+    return (run_seed * 1_000_003 + zlib.crc32(source.encode())) * 1_000_003 + draw
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -19,6 +19,11 @@ batch a rank draws from it is positions ``[j*B, (j+1)*B)`` of the rank's shard (
 duration bucketing needs every duration up front, so it applies to map-style sources only), so resume
 is exact here too. Its bad rows and clips are counted skips as they are met (in this process: with
 ``data.num_workers > 0`` the workers' counts are not gathered).
+
+Training speech is augmented where it is loaded (``data.augment``, or a source's own
+``data.sources.<name>.augment``; :mod:`speechllm.augment`), in the loader's workers, with a generator
+seeded by the run seed, the source and the draw number: a resumed run augments every sample as an
+uninterrupted one. Validation and test sets are never augmented.
 """
 
 from __future__ import annotations
@@ -29,11 +34,19 @@ from typing import Any
 
 import lightning as L
 import soundfile as sf
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.sampling import BucketingStream, FixedSizeStream, MixtureBatchSampler, SequentialStream
+from datamodules.sampling import (
+    BucketingStream,
+    FixedSizeStream,
+    MixtureBatchSampler,
+    SequentialStream,
+    sample_seed,
+)
+from speechllm.augment import AugmentConfig, augment
 from speechllm.config import SourceConfig, SourceKind, StageConfig
 from speechllm.manifest import AudioRef, Utterance, load_audio, normalize_target
 from speechllm.schedules import ramp
@@ -80,11 +93,16 @@ def check_audio(items: list[Utterance], sample_rate: int, max_seconds: float) ->
 
 class SourceItems(Dataset):
     """All training sources behind one index: ``(source name, item index, draw number)``; the index of a
-    streaming source is a position of its rank's ``StreamReader``."""
+    streaming source is a position of its rank's ``StreamReader``.
+
+    ``augment`` names the speech sources whose clips are augmented (prob > 0) and how; ``seed`` is the
+    run seed that, with the source and the draw number, seeds each clip's augmentation."""
 
     def __init__(self, sources: dict[str, tuple[str, list[Utterance] | StreamReader]], sample_rate: int,
-                 normalization: str):
+                 normalization: str, augment: dict[str, AugmentConfig] | None = None, seed: int = 0,
+                 max_seconds: float = 0.0):
         self.sources, self.sample_rate, self.normalization = sources, sample_rate, normalization
+        self.augment, self.seed, self.max_seconds = augment or {}, seed, max_seconds
 
     def __len__(self) -> int:  # the map-style items (a stream has no length)
         return sum(len(items) for _, items in self.sources.values() if isinstance(items, list))
@@ -97,7 +115,29 @@ class SourceItems(Dataset):
                 "target": normalize_target(utt.target_text, self.normalization), "words": utt.words}
         if kind == "speech":
             item["waveform"] = load_audio(utt.audio, self.sample_rate)
+            if name in self.augment:
+                item["waveform"], item["words"], item["augmented"] = self.augmented(name, draw, item["waveform"], utt.words)
         return item
+
+    def augmented(self, name: str, draw: int, wave: torch.Tensor, words: list[dict] | None
+                  ) -> tuple[torch.Tensor, list[dict] | None, bool]:
+        """The clip as ``augment`` makes it for this (source, draw), its word times stretched with it,
+        and whether it was augmented.
+
+        The generator comes from the same per-sample seed as ``SpeechLLMModule.sample_generators``, of
+        the stream ``<source>/augment``: independent of the sample's span plan or simulation noise. A clip
+        that speed perturbation would push past ``data.max_audio_seconds`` (an encoder's limit) is
+        augmented again from the same seed without it: its other transforms are the same draws.
+        """
+        cfg, seed = self.augment[name], sample_seed(self.seed, f"{name}/augment", draw)
+        out = augment(wave, self.sample_rate, cfg, torch.Generator().manual_seed(seed))
+        if self.max_seconds and out.numel() > self.max_seconds * self.sample_rate >= wave.numel():
+            out = augment(wave, self.sample_rate, replace(cfg, speed_prob=0.0), torch.Generator().manual_seed(seed))
+        if words and out.numel() != wave.numel():  # speed perturbation: every time scales with the length
+            ratio = out.numel() / wave.numel()
+            words = [{**w, **{k: w[k] * ratio for k in ("start", "end") if isinstance(w.get(k), (int, float))}}
+                     for w in words]
+        return out, words, out is not wave  # augment hands back the very clip it leaves alone
 
 
 class EvalItems(Dataset):
@@ -158,6 +198,14 @@ class SpeechTextDataModule(L.LightningDataModule):
         for name, src in sources.items():
             src.manifest = self.manifest_overrides.get(name, src.manifest)
         return sources
+
+    def augment_configs(self) -> dict[str, AugmentConfig]:
+        """The augmentation of each speech training source that has one on (prob > 0): its own
+        ``augment`` if set, else ``data.augment``. Text sources and evaluation sets have none."""
+        stage_wide = OmegaConf.to_object(self.cfg.data.augment)
+        configs = {name: src.augment if src.augment is not None else stage_wide
+                   for name, src in self.source_configs().items() if src.kind == SourceKind.speech}
+        return {name: cfg for name, cfg in configs.items() if cfg.prob > 0}
 
     def _load(self, where: str, path: str, speech: bool, limit: int = 0) -> list[Utterance]:
         """A source's first ``limit`` items (0 = all; a stream's first rows), checked (skips counted)."""
@@ -276,7 +324,8 @@ class SpeechTextDataModule(L.LightningDataModule):
             raise ValueError(f"cannot resume {consumed} global batches on {world} devices evenly")
         self.sampler = MixtureBatchSampler(streams, self.shares, seed=self.cfg.seed, accumulate_grad_batches=accumulate,
                                            start_batch=consumed // world)
-        dataset = SourceItems(sources, self.cfg.model.encoder.sample_rate, self.cfg.data.target_normalization)
+        dataset = SourceItems(sources, self.cfg.model.encoder.sample_rate, self.cfg.data.target_normalization,
+                              augment=self.augment_configs(), seed=self.cfg.seed, max_seconds=self.cfg.data.max_audio_seconds)
         return DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate,
                           num_workers=self.cfg.data.num_workers, persistent_workers=False)
 

@@ -8,7 +8,6 @@ import json
 import math
 import random
 import time
-import zlib
 from functools import wraps
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from datamodules.sampling import sample_seed
 from lightning_modules.evaluation import EvaluationMixin
 from speechllm.config import OptimConfig, SourceKind, StageConfig
 from speechllm.distributed import all_ranks
@@ -141,8 +141,8 @@ class SpeechLLMModule(EvaluationMixin):
     def sample_generators(self, batch: dict) -> list[torch.Generator]:
         """One generator per sample, seeded by its source and draw number: a sample's random input
         (simulation noise, span plan) does not depend on batch composition, ranks or resumes."""
-        source = zlib.crc32(str(batch.get("source", "")).encode())
-        return [torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + source) * 1_000_003 + s) for s in batch["seed"]]
+        source = str(batch.get("source", ""))
+        return [torch.Generator().manual_seed(sample_seed(self.cfg.seed, source, s)) for s in batch["seed"]]
 
     # ------------------------------------------------------------------ optimisation
 
@@ -280,7 +280,8 @@ class SpeechLLMModule(EvaluationMixin):
         return self.trainer._logger_connector.should_update_logs
 
     def log_step(self, out: dict, batch: dict) -> None:
-        """Loss terms, throughput (samples/s, LLM tokens/s), padding, the data mixture and truncations of a step.
+        """Loss terms, throughput (samples/s, LLM tokens/s), padding, augmented clips, the data mixture
+        and truncations of a step.
 
         Only on the steps whose scalars Lightning writes (:meth:`logs_this_step`; the progress bar shows
         the loss of the last of them).
@@ -305,6 +306,8 @@ class SpeechLLMModule(EvaluationMixin):
         # The share of the LLM's positions spent on padding (none when rows are packed: model.pack_sequences).
         padded = 0.0 if self.model.cfg.pack_sequences else 1.0 - tokens / (len(lengths) * longest)
         self.log("train/padding_share", padded, batch_size=batch_size)
+        if "augmented" in batch:  # a batch of a source with data.augment on: how many of its clips were
+            self.log("train/augmented_clips", float(sum(batch["augmented"])), batch_size=batch_size)
         if self.counters["truncated_to_context"]:
             self.log("skipped/truncated_to_context", float(self.counters["truncated_to_context"]), rank_zero_only=True)
         datamodule = self.trainer.datamodule

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from speechllm.augment import AugmentConfig
 from speechllm.choices import Choice
 from speechllm.schedules import Ramp
 
@@ -243,6 +244,9 @@ class SourceConfig:
     manifest: str = setting("", "JSONL manifest or source string (hf:, lhotse:, lhotse-shar:, tasu:; docs/extending.md#data-source); text-only items for simulated and text sources")
     kind: SourceKind = setting(SourceKind.speech, "speech (audio through the encoder), simulated (text through the encoder's text side) or text (plain text read by the LLM)")
     share: Ramp = setting(help="share of batches from this source, by step", factory=Ramp)
+    augment: Optional[AugmentConfig] = setting(
+        None, "speech sources: this source's waveform augmentation, in place of data.augment as a whole "
+        "(its unset fields take AugmentConfig's defaults, not data.augment's); null = data.augment; {prob: 0} = none")
 
 
 @dataclass
@@ -273,6 +277,9 @@ class DataConfig:
         help="named sources mixed by share (stages 2-4); empty = `train` alone", factory=dict)
     batching: BatchingConfig = setting(help="duration bucketing", factory=BatchingConfig)
     difficulty: DifficultyConfig = setting(help="CPS rates ramped over training", factory=DifficultyConfig)
+    augment: AugmentConfig = setting(
+        help="waveform augmentation (speed, reverb, noise, telephone band, gain) of every speech training source, "
+        "seeded per sample; prob 0 = off; never the val/test sets", factory=AugmentConfig)
     val: dict[str, str] = setting(help="name -> speech manifest or source string: WER during training", factory=dict)
     test: dict[str, str] = setting(help="name -> speech manifest or source string: WER before and after training", factory=dict)
     batch_size: int = setting(8, "training batch size (without a batching budget)")

@@ -62,6 +62,14 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
             problems.append((key, "a text source trains the LLM to stay close to the original; with a frozen LLM "
                              "(model.llm.freeze, no LoRA) it has nothing to train: drop it or enable LoRA"))
 
+    problems += augment_problems("data.augment", data.augment)
+    for n, src in data.sources.items():
+        if src.augment is not None:
+            key = f"data.sources.{n}.augment"
+            problems += augment_problems(key, src.augment)
+            if src.kind != "speech":
+                problems.append((key, f"only speech sources are augmented, not a {str(src.kind)!r} one"))
+
     for side, key, step in (("matched", "stats", "posterior-stats"), ("learned", "simulator", "simulator")):
         if enc.text_side == side and not enc.cps[key]:
             problems.append((f"model.encoder.cps.{key}", f"text_side: {side} needs it (`python -m stages prepare {step}`)"))
@@ -84,6 +92,22 @@ def stage_problems(cfg: StageConfig) -> list[tuple[str, str]]:
         problems.append(("trainer.strategy", f"{cfg.trainer.strategy!r} is not one of auto, ddp, fsdp or Lightning's "
                          f"({', '.join(sorted(strategies - {'auto', 'ddp', 'fsdp'}))})"))
     return problems + stage.config_errors(cfg)
+
+
+def augment_problems(key: str, node: Any) -> list[tuple[str, str]]:
+    """``(key.field, problem)`` for each value of an ``AugmentConfig`` node its own checks reject (the
+    schema checks only the types; each field is checked alone, so every bad one is named)."""
+    from omegaconf import OmegaConf
+
+    from speechllm.augment import AugmentConfig
+
+    problems = []
+    for name, value in OmegaConf.to_container(node, resolve=True).items():
+        try:
+            AugmentConfig(**{name: value})
+        except ValueError as err:
+            problems.append((f"{key}.{name}", str(err)))
+    return problems
 
 
 def _set(value: Any) -> Any:
