@@ -48,17 +48,17 @@ def decode_vectors(vectors: torch.Tensor, units: list[str], blank_id: int) -> st
 def pair_targets(ref: list[int], vectors: torch.Tensor) -> dict[str, torch.Tensor]:
     """What the encoder did at each reference unit, from its real LSD output ``vectors`` (T, V).
 
-    observed: argmax unit of the aligned vector, or V where the unit was deleted; error: observed is not
-    the reference unit; peak: that vector's
-    largest probability; spread: its other mass, renormalised (zeros where deleted); inserted: vectors
-    inserted after the unit (those before the first unit count for it), capped at MAX_INSERTED;
-    insert_unit: the first inserted vector's argmax (-100 where none).
+    aligned: the index of the vector aligned to the unit (-1 where the unit was deleted); observed: that
+    vector's argmax, or V where deleted; error: observed is not the reference unit; peak: the vector's
+    largest probability; inserted: vectors inserted after the unit (those before the first unit count
+    for it), capped at MAX_INSERTED; insert_unit: the first inserted vector's argmax (-100 where none).
+    The spread target is not stored (a (units, V) table per pair): :func:`spread_targets` makes it.
     """
     n, vocab = len(ref), vectors.shape[-1]
     hyp = vectors.argmax(-1).tolist()
+    aligned = torch.full((n,), -1, dtype=torch.long)
     observed = torch.full((n,), vocab, dtype=torch.long)
     peak = torch.zeros(n)
-    spread = torch.zeros(n, vocab)
     inserted = torch.zeros(n, dtype=torch.long)
     insert_unit = torch.full((n,), -100, dtype=torch.long)
     i = -1  # reference position of the last unit seen
@@ -66,16 +66,23 @@ def pair_targets(ref: list[int], vectors: torch.Tensor) -> dict[str, torch.Tenso
         if r is not None:
             i += 1
             if h is not None:
-                observed[i], peak[i] = hyp[h], vectors[h, hyp[h]]
-                rest = vectors[h].clone()
-                rest[hyp[h]] = 0.0
-                spread[i] = rest / rest.sum().clamp(min=1e-8)
+                aligned[i], observed[i], peak[i] = h, hyp[h], vectors[h, hyp[h]]
         elif n:  # an insertion: after position i (before the first unit: counted at position 0)
             at = max(i, 0)
             if inserted[at] == 0:
                 insert_unit[at] = hyp[h]
             inserted[at] = min(int(inserted[at]) + 1, MAX_INSERTED)
-    return {"observed": observed, "error": (observed != torch.tensor(ref, dtype=torch.long)).float(), "peak": peak, "spread": spread, "inserted": inserted, "insert_unit": insert_unit}
+    error = (observed != torch.tensor(ref, dtype=torch.long)).float()
+    return {"aligned": aligned, "observed": observed, "error": error, "peak": peak, "inserted": inserted,
+            "insert_unit": insert_unit}
+
+
+def spread_targets(vectors: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+    """(units, V): each aligned vector's mass off its argmax, renormalised; zeros where deleted."""
+    rows = vectors[aligned.clamp(min=0)].float()
+    rows = rows.scatter(1, rows.argmax(-1, keepdim=True), 0.0)
+    rows = rows / rows.sum(-1, keepdim=True).clamp(min=1e-8)
+    return rows * (aligned >= 0)[:, None]
 
 
 def correct_errors(ref: list[int], vectors: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:

@@ -41,7 +41,14 @@ from speechllm.encoders import build_encoder
 from speechllm.io import atomic_folder, atomic_open
 from speechllm.manifest import load_audio, load_manifest
 from speechllm.metrics import ErrorCounts, word_errors
-from speechllm.simulator import PosteriorSimulator, bins_table, correct_errors, decode_vectors, pair_targets
+from speechllm.simulator import (
+    PosteriorSimulator,
+    bins_table,
+    correct_errors,
+    decode_vectors,
+    pair_targets,
+    spread_targets,
+)
 from stages.runner import resolve_stage_configs
 
 log = logging.getLogger(__name__)
@@ -141,13 +148,13 @@ def collect_pairs(encoder, manifests: list[str], limit: int, copies: int, seed: 
 
 
 def _batch(pairs: list[dict], vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    targets = [p["targets"] for p in pairs]
+    targets = [{**p["targets"], "spread": spread_targets(p["vectors"], p["targets"]["aligned"])} for p in pairs]
     lengths = torch.tensor([len(p["ids"]) for p in pairs])
     length = int(lengths.max())
     ids = torch.zeros(len(pairs), length, dtype=torch.long)
     for i, p in enumerate(pairs):
         ids[i, : len(p["ids"])] = torch.tensor(p["ids"])
-    fill = {"observed": vocab, "inserted": 0, "insert_unit": -100, "peak": 0.0}
+    fill = {"observed": vocab, "aligned": -1, "inserted": 0, "insert_unit": -100, "peak": 0.0}
     batched = {}
     for name in targets[0]:
         shape = (len(pairs), length, *targets[0][name].shape[1:])
@@ -170,7 +177,7 @@ def train_simulator(sim: PosteriorSimulator, pairs: list[dict], *, steps: int, b
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
     # Each pair's alignment once (pair_targets is Python), not at every draw.
-    pairs = [{**p, "targets": pair_targets(p["ids"], p["vectors"].float())}
+    pairs = [{**p, "targets": pair_targets(p["ids"], p["vectors"])}
              for p in tqdm(pairs, desc="simulator targets", unit="pair")]
     rng = random.Random(seed)
     step, history = 0, []

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechllm.simulator import MAX_INSERTED, PosteriorSimulator, correct_errors, decode_vectors, pair_targets
+from speechllm.simulator import (
+    MAX_INSERTED,
+    PosteriorSimulator,
+    correct_errors,
+    decode_vectors,
+    pair_targets,
+    spread_targets,
+)
 from stages.prepare_simulator import achieved_wer, calibrate, spell, train_simulator
 
 V = 12  # blank + 11 units
@@ -29,10 +36,14 @@ def test_pair_targets_on_a_hand_alignment():
     assert t["observed"].tolist() == [a, b, c, x] and t["error"].tolist() == [0, 0, 0, 1]
     assert t["inserted"].tolist() == [0, 1, 0, 0] and t["insert_unit"].tolist() == [-100, y, -100, -100]
     assert torch.allclose(t["peak"], torch.full((4,), 0.7))
-    assert torch.allclose(t["spread"].sum(-1), torch.ones(4)) and (t["spread"][0, a] == 0)
+    spread = spread_targets(peaky([a, b, y, c, x], 0.7), t["aligned"])
+    assert t["aligned"].tolist() == [0, 1, 3, 4]
+    assert torch.allclose(spread.sum(-1), torch.ones(4)) and (spread[0, a] == 0)
+    assert torch.allclose(spread[3], peaky([x], 0.7)[0].scatter(0, torch.tensor([x]), 0.0) / 0.3)
     # b deleted; two insertions before the first unit count at position 0; more than MAX are capped.
     t = pair_targets([a, b, c], peaky([a, c]))
-    assert t["observed"].tolist() == [a, V, c] and t["spread"][1].sum() == 0 and t["peak"][1] == 0
+    assert t["observed"].tolist() == [a, V, c] and t["peak"][1] == 0
+    assert spread_targets(peaky([a, c]), t["aligned"])[1].sum() == 0
     assert t["error"].tolist() == [0, 1, 0]
     t = pair_targets([a, b], peaky([y, y, y, a, b]))
     assert t["observed"].tolist() == [a, b]
