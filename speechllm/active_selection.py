@@ -5,7 +5,10 @@
    with the current (stage-3) model, sharded across ranks and gathered;
 3. P_target(c) ∝ P_web(c) M(c)^gamma; draw texts (cluster from P_target, text uniformly inside it)
    until the budget; gamma = 0 is the uniform baseline;
-4. synthesise the selection (sharded, resumable item by item) and write its manifest atomically.
+4. synthesise the selection (sharded, resumable item by item) and write its manifest atomically;
+5. after training, :func:`remeasure_after` probes the same texts again (same audio, seeds and spans)
+   and adds ``M_after`` per cluster, and the mean M before/after over the targeted clusters and the
+   others, to the report.
 
 Every step is cached under ``<stage>/selection/`` with the settings it depends on, so a killed or
 resumed stage redoes nothing. Rank zero writes; every rank reads after a barrier.
@@ -90,63 +93,107 @@ def synthesis_items(indices: list[int], ids: list[str], texts: list[str], prefix
 
 @torch.no_grad()
 def probe_misalignment(model: SpeechLLM, cfg: StageConfig, probes: list[SynthesisItem], folder: Path,
-                       results: dict[str, dict]) -> dict[str, dict]:
-    """Per probe item (this rank's shard): ``m_sum``/``m_count`` with the current model."""
+                       results: dict[str, dict], root=None) -> dict[str, dict]:
+    """Per probe item (those in ``results``: this rank's shard): ``m_sum``/``m_count`` with the current
+    model; with ``root`` (FSDP's :class:`speechllm.sharding.StepRoot`) each batch runs inside it."""
     distill, out = cfg.distill, {}
     shard = [p for p in probes if p.id in results]
     batch = cfg.measures.batch_size
     rank, _ = rank_and_world()
-    for start in tqdm(range(0, len(shard), batch), desc="probe misalignment", unit="batch", disable=rank != 0):
-        items = shard[start : start + batch]
+
+    def measure(items: list[SynthesisItem]) -> list[dict]:
         views = speech_and_text_views(
             model, [load_audio(folder / p.audio, model.encoder.sample_rate) for p in items],
             [results[p.id]["words"] for p in items], [p.text for p in items], [p.text for p in items],
             [torch.Generator().manual_seed(int(hashlib.sha1(p.id.encode()).hexdigest()[:8], 16)) for p in items],
             fmt=distill.format, text_words=tuple(distill.text_span_words), speech_words=tuple(distill.speech_span_words))
-        rows = misalignment_forgetting(model, views)
+        return misalignment_forgetting(model, views)
+
+    for start in tqdm(range(0, len(shard), batch), desc="probe misalignment", unit="batch", disable=rank != 0):
+        items = shard[start : start + batch]
+        rows = measure(items) if root is None else root(measure, items)
         out.update({p.id: {"m_sum": r["m_sum"], "m_count": r["m_count"]} for p, r in zip(items, rows)})
     return out
 
 
-def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seconds: float,
-                  exclude_texts: set[str]) -> dict:
-    """Run (or reuse) the whole selection; returns the report (with ``manifest``, the synthetic set)."""
+def load_pool(cfg) -> tuple[list[str], list[str], list[str], dict]:
+    """The pool's ids, texts and topics, and the key its cached steps depend on."""
     sel = cfg.selection
-    rank, world = rank_and_world()
     pool = load_manifest(sel.pool)
-    ids, texts = [u.id for u in pool], [u.text for u in pool]
-    topics = [str(u.meta.get("topic", "")) for u in pool]
     stat = Path(sel.pool).stat()
     pool_key = {"path": str(Path(sel.pool).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+    return [u.id for u in pool], [u.text for u in pool], [str(u.meta.get("topic", "")) for u in pool], pool_key
+
+
+def probe_set(cfg, out: Path, ids: list[str], texts: list[str], clusters: dict) -> dict:
+    """The probes (a seeded few texts per cluster, never selected later), synthesised once under
+    ``<out>/probes``: ``items``, ``index`` (pool indices), ``cluster_of`` (probe id -> cluster),
+    ``results`` (this rank's synthesis results), ``folder`` and ``key`` (what their M depends on, but
+    the model). Deterministic: the probe after training is the same set, audio and ids."""
+    sel = cfg.selection
+    rank, world = rank_and_world()
+    k, assignment = clusters["k"], clusters["assignment"]
+    rng = random.Random(sel.seed)
+    members = [torch.nonzero(assignment == c).flatten().tolist() for c in range(k)]
+    index = [i for c in range(k) for i in rng.sample(members[c], min(sel.probe_per_cluster, len(members[c])))]
+    items = synthesis_items(index, ids, texts, "probe", cfg)
+    folder = out / "probes"
+    results = synthesize_items(items, folder, workers=sel.workers, rank=rank, world_size=world,
+                               progress=rank == 0, desc="tts probes")
+    barrier()
+    key = _key({"clusters": clusters["key"], "probes": [p.id for p in items], "voices": list(sel.voices),
+                "distill": dict(cfg.distill)})
+    return {"items": items, "index": index, "cluster_of": {p.id: int(assignment[i]) for p, i in zip(items, index)},
+            "results": results, "folder": folder, "key": key, "k": k}
+
+
+def cluster_misalignment(model: SpeechLLM, cfg: StageConfig, probes: dict, root=None) -> dict:
+    """M(c) over the probes of each cluster with ``model`` (every rank takes part, every rank gets it):
+    ``M`` (k,), ``positions`` (k,) and the per-probe ``items``. The same model gives the same values:
+    each probe's spans come from a generator seeded by its id, and the model is put in eval mode.
+    ``root``: the FSDP root, under FSDP, where every rank measures every probe: a sharded forward
+    gathers weights on every rank, so the ranks must run the same batches, and the probes are few."""
+    was_training = model.training
+    model.eval()
+    results = probes["results"]
+    if root is not None:  # every probe's synthesis result, on every rank (all finished: reads only)
+        results = synthesize_items(probes["items"], probes["folder"], workers=1, progress=False)
+    per_item: dict[str, dict] = {}
+    try:
+        for part in all_gather_objects(probe_misalignment(model, cfg, probes["items"], probes["folder"],
+                                                          results, root)):
+            per_item.update(part)
+    finally:
+        model.train(was_training)
+    k, cluster_of = probes["k"], probes["cluster_of"]
+    sums, counts = [0.0] * k, [0] * k
+    for pid in sorted(per_item):
+        sums[cluster_of[pid]] += per_item[pid]["m_sum"]
+        counts[cluster_of[pid]] += per_item[pid]["m_count"]
+    return {"M": [s / c if c else 0.0 for s, c in zip(sums, counts)], "positions": counts,
+            "items": dict(sorted(per_item.items()))}
+
+
+def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seconds: float,
+                  exclude_texts: set[str], root=None) -> dict:
+    """Run (or reuse) the whole selection; returns the report (with ``manifest``, the synthetic set).
+    ``root``: the FSDP root, under FSDP."""
+    sel = cfg.selection
+    rank, world = rank_and_world()
+    ids, texts, topics, pool_key = load_pool(cfg)
 
     clusters = cluster_pool(texts, cfg, out, pool_key)
     k, assignment = clusters["k"], clusters["assignment"]
     p_web = cluster_shares(assignment, k)
 
-    # Probes: a few texts per cluster, never selected later.
-    rng = random.Random(sel.seed)
-    members = [torch.nonzero(assignment == c).flatten().tolist() for c in range(k)]
-    probe_idx = [i for c in range(k) for i in rng.sample(members[c], min(sel.probe_per_cluster, len(members[c])))]
-    probes = synthesis_items(probe_idx, ids, texts, "probe", cfg)
-    probe_dir = out / "probes"
-    probe_results = synthesize_items(probes, probe_dir, workers=sel.workers, rank=rank, world_size=world,
-                                     progress=rank == 0, desc="tts probes")
-    barrier()
+    probes = probe_set(cfg, out, ids, texts, clusters)
+    probe_idx = probes["index"]
     # The model is the stage's starting point (init_from); a new one means a new stage directory.
-    m_key = _key({"clusters": clusters["key"], "probes": [p.id for p in probes], "voices": list(sel.voices),
-                  "distill": dict(cfg.distill)})
-    per_item = {}
+    m_key = probes["key"]
     if _cached(out / "misalignment.json", m_key) is None:
-        for part in all_gather_objects(probe_misalignment(model, cfg, probes, probe_dir, probe_results)):
-            per_item.update(part)
-        cluster_of = {p.id: int(assignment[i]) for p, i in zip(probes, probe_idx)}
-        sums, counts = [0.0] * k, [0] * k
-        for pid, r in per_item.items():
-            sums[cluster_of[pid]] += r["m_sum"]
-            counts[cluster_of[pid]] += r["m_count"]
-        m = [s / c if c else 0.0 for s, c in zip(sums, counts)]
+        measured = cluster_misalignment(model, cfg, probes, root)
         if rank == 0:
-            _save(out / "misalignment.json", {"key": m_key, "M": m, "positions": counts, "items": per_item})
+            _save(out / "misalignment.json", {"key": m_key, **measured})
         barrier()
     m = torch.tensor(_cached(out / "misalignment.json", m_key)["M"], dtype=torch.float64)
 
@@ -180,13 +227,21 @@ def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seco
 
 
 def selection_report(k, p_web, m, p_target, assignment, chosen, texts, topics, budget, costs, sel) -> dict:
+    """Per cluster (by M, highest first): size, P_web, M, P_target, the texts selected and their cost,
+    ``targeted`` (it received more than its uniform share of what was spent: cost > P_web * total),
+    top topics and examples."""
     hist = selection_histogram(assignment, torch.tensor(chosen, dtype=torch.long), k).tolist()
+    spent = [0.0] * k
+    for i in chosen:
+        spent[int(assignment[i])] += costs[i]
+    total = sum(spent)
     clusters = []
     for c in range(k):
         members = torch.nonzero(assignment == c).flatten().tolist()
         top = Counter(topics[i] for i in members).most_common(3)
         clusters.append({"cluster": c, "size": len(members), "p_web": float(p_web[c]), "M": float(m[c]),
-                         "p_target": float(p_target[c]), "selected": hist[c],
+                         "p_target": float(p_target[c]), "selected": hist[c], "selected_cost": round(spent[c], 2),
+                         "targeted": bool(spent[c] > float(p_web[c]) * total + 1e-9),
                          "topics": [{"topic": t, "share": round(n / max(len(members), 1), 3)} for t, n in top],
                          "examples": [texts[i][:120] for i in members[:2]]})
     selected_topics = Counter(topics[i] for i in chosen)
@@ -196,17 +251,74 @@ def selection_report(k, p_web, m, p_target, assignment, chosen, texts, topics, b
             "clusters": sorted(clusters, key=lambda r: -r["M"])}
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def after_summary(clusters: list[dict]) -> dict:
+    """Mean M before and after training (unweighted over clusters) for the clusters selection targeted,
+    the others and all of them; ``change`` is after - before (None for an empty group)."""
+    out = {}
+    for group, members in (("targeted", [c for c in clusters if c.get("targeted")]),
+                           ("others", [c for c in clusters if not c.get("targeted")]), ("all", clusters)):
+        before, after = _mean([c["M"] for c in members]), _mean([c["M_after"] for c in members])
+        out[group] = {"clusters": len(members), "M": before, "M_after": after,
+                      "change": None if before is None else after - before}
+    return out
+
+
+def with_after(report: dict, m_after: list[float], step: int) -> dict:
+    """The report with ``M_after`` on each cluster and the ``M_after_summary`` (see :func:`after_summary`)."""
+    clusters = [{**c, "M_after": float(m_after[c["cluster"]])} for c in report["clusters"]]
+    return {**report, "clusters": clusters, "M_after_step": step, "M_after_summary": after_summary(clusters)}
+
+
+def remeasure_after(model: SpeechLLM, cfg: StageConfig, out: Path, step: int, root=None) -> dict:
+    """After training: M(c) again on the same probes (audio, span seeds, ids), so the change is the
+    training's; cached in ``misalignment_after.json`` (keyed by the probes and ``step``), added to
+    ``report.{json,md}``. Every rank takes part (``root``: the FSDP root, under FSDP); returns the
+    updated report."""
+    rank, _ = rank_and_world()
+    ids, texts, _, pool_key = load_pool(cfg)
+    clusters = cluster_pool(texts, cfg, out, pool_key)  # cached by run_selection
+    probes = probe_set(cfg, out, ids, texts, clusters)  # already synthesised: reads only
+    key = _key({"probes": probes["key"], "step": step})
+    if _cached(out / "misalignment_after.json", key) is None:
+        measured = cluster_misalignment(model, cfg, probes, root)
+        if rank == 0:
+            _save(out / "misalignment_after.json", {"key": key, "step": step, **measured})
+        barrier()
+    m_after = _cached(out / "misalignment_after.json", key)["M"]
+    report = with_after(json.loads((out / "report.json").read_text()), m_after, step)
+    if rank == 0:
+        _save(out / "report.json", report)
+        atomic_write(out / "report.md", report_markdown(report))
+    barrier()
+    return report
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def report_markdown(report: dict) -> str:
+    after = "M_after_summary" in report
     lines = [f"# Selection (gamma {report['gamma']}, K {report['clusters_k']})", "",
              f"{report['selected']} texts selected for a budget of {report['budget']:.1f} {report['budget_unit']}"
              f" ({report.get('synthesised_seconds', 0)} s synthesised).", "",
-             "| cluster | M | P_web | P_target | selected | top topics | example |", "|---|---|---|---|---|---|---|"]
+             "| cluster | M | " + ("M after | " if after else "") + "P_web | P_target | selected | top topics | example |",
+             "|---|---|" + ("---|" if after else "") + "---|---|---|---|---|"]
     for r in report["clusters"]:
         topics = ", ".join(f"{t['topic']} {t['share']:.0%}" for t in r["topics"])
         example = r["examples"][0].replace("|", "/") if r["examples"] else ""
-        lines.append(f"| {r['cluster']} | {r['M']:.4f} | {r['p_web']:.3f} | {r['p_target']:.3f} | {r['selected']} "
-                     f"| {topics} | {example} |")
+        lines.append(f"| {r['cluster']} | {r['M']:.4f} | " + (f"{r['M_after']:.4f} | " if after else "")
+                     + f"{r['p_web']:.3f} | {r['p_target']:.3f} | {r['selected']} | {topics} | {example} |")
     lines += ["", "Selected topics: " + ", ".join(f"{t} {n}" for t, n in report["selected_topics"].items())]
+    if after:
+        lines += ["", f"Mean M over clusters, before -> after training (step {report['M_after_step']}):"]
+        for group, g in report["M_after_summary"].items():
+            lines.append(f"- {group} ({g['clusters']} clusters): {_fmt(g['M'])} -> {_fmt(g['M_after'])}"
+                         f" (change {_fmt(g['change'], '+.4f')})")
     return "\n".join(lines) + "\n"
 
 

@@ -43,11 +43,26 @@ Writes under ``--out``::
                                             (the fortunes' docs/pool.jsonl fields, plus source)
     sentences/{train,dev,test,pool}.jsonl   {"id", "text", "topic", "n_words", "source", "doc"}
                                             (the speech-sized units of those documents)
+    mc/test.jsonl, mc/wav/<id>.wav          the spoken multiple-choice test (the fortunes' mc/test.jsonl
+                                            fields: speech fields of the spoken context, "topic",
+                                            "options", "answer"; plus "source", "doc")
     summary.json                            per source: documents, sentences, words, top topics,
-                                            licence, package; drops by reason; the fingerprint
+                                            licence, package; drops by reason; the test; the fingerprint
 
 and asserts that no dev/test sentence appears in train or pool (exact normalised text). A second run
-on the same packages, scale, sources, seed and code does nothing.
+on the same packages, scale, sources, seed, voices and code does nothing.
+
+The multiple-choice test (``SCALES`` ``mc`` questions, ``--n-mc``; 0: none) is the fortunes' StoryCloze-like
+test (``prepare_demo_data``) on encyclopedia, dictionary and news text: a sentence of a test document is
+cut into a context of at least 5 words and a rest of at least 3 (``prepare_demo_data.split_for_continuation``:
+after a clause end where one falls in range), the context is spoken by a held-out voice
+(``--heldout-voices``, the demo's, never heard in training), and the true rest must be told from the rests
+of ``MC_OPTIONS - 1`` sentences of *other* test documents (the same source first, then the same topic,
+the same capitalisation, the closest length; seeded ties), shuffled, so neither style nor subject gives
+the answer away. Questions are dealt equally over the
+sources and drawn by a seeded hash; every context and option comes from the test split and is checked
+against train and pool (``check_mc_heldout``). The audio is made by ``prepare_demo_data``'s synthesis
+step (resumable clip by clip).
 """
 
 from __future__ import annotations
@@ -76,8 +91,21 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechllm.io import atomic_write
+from speechllm.synthesis import SynthesisItem
 from stages.corpus_io import split_sentences, write_if_changed
-from stages.prepare_demo_data import _SPEAKABLE, text_key
+from stages.prepare_demo_data import (
+    _SPEAKABLE,
+    HELDOUT_VOICES,
+    MC_CONTEXT_WORDS,
+    MC_OPTIONS,
+    MC_REST_WORDS,
+    SpokenSet,
+    _digest,
+    _resolve_voices,
+    _speak,
+    split_for_continuation,
+    text_key,
+)
 from stages.prepare_real_speech import RealSpeechError, licence_of, read_deb
 
 log = logging.getLogger(__name__)
@@ -95,9 +123,9 @@ PIP = (sys.executable, "-m", "pip")  # how the wheel is fetched (a test replaces
 
 SPLITS = ("train", "dev", "test", "pool")
 HELDOUT = ("dev", "test")
-SCALES = {  # documents per split; the pool in sentences
-    "demo": {"train": 300, "dev": 40, "test": 40, "pool_sentences": 3000},
-    "full": {"train": 1500, "dev": 100, "test": 100, "pool_sentences": 30000},
+SCALES = {  # documents per split; the pool in sentences; spoken multiple-choice questions
+    "demo": {"train": 300, "dev": 40, "test": 40, "pool_sentences": 3000, "mc": 60},
+    "full": {"train": 1500, "dev": 100, "test": 100, "pool_sentences": 30000, "mc": 200},
 }
 HELDOUT_FRACTION = 0.10  # of the split keys, for dev and for test
 SENTENCE_WORDS = (4, 30)
@@ -888,6 +916,98 @@ def check_no_leak(splits: dict[str, list[Document]]) -> None:
         raise BroadTextError(f"{len(leaked)} dev/test sentence(s) also in train or pool, e.g. {leaked[0]!r}")
 
 
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice item: ``context`` + " " + ``options[answer]`` is the test sentence ``key``
+    of document ``doc``; ``option_docs`` / ``option_keys`` say where each option was cut from."""
+
+    context: str
+    options: tuple[str, ...]
+    answer: int
+    doc: str
+    source: str
+    topic: str
+    key: str
+    option_docs: tuple[str, ...]
+    option_keys: tuple[str, ...]
+
+
+def mc_questions(test_docs: list[Document], n: int, seed: int) -> list[Question]:
+    """``n`` questions from the sentences of ``test_docs`` (see the module docstring), dealt equally over
+    the sources (``shares``), each source's in a seeded hash order; deterministic whatever the order of
+    ``test_docs``. Fewer (with a warning) when fewer sentences are long enough."""
+    cands: list[tuple[Document, Sentence, str, str]] = []  # (document, sentence, context, rest)
+    for doc in sorted(test_docs, key=lambda d: d.id):
+        for sent in doc.sentences:
+            if sent.n_words >= MC_CONTEXT_WORDS + MC_REST_WORDS:
+                context, rest = split_for_continuation(sent, random.Random(f"{seed}/broad-mc-cut/{sent.key}"))
+                cands.append((doc, sent, context, rest))
+    by_source: dict[str, list] = {}
+    for c in cands:
+        by_source.setdefault(c[0].source, []).append(c)
+    n_by_source = shares(n, {src: len(cs) for src, cs in by_source.items()})
+    if sum(n_by_source.values()) < n:
+        log.warning("mc: asked for %d questions but only %d test sentences qualify", n, len(cands))
+    picked = []
+    for src, cs in by_source.items():
+        picked += sorted(cs, key=lambda c: _unit(str(seed), "mc", c[1].key))[: n_by_source[src]]
+    picked.sort(key=lambda c: _unit(str(seed), "mc-order", c[1].key))
+    questions = []
+    for doc, sent, context, rest in picked:
+        rng = random.Random(f"{seed}/broad-mc-options/{sent.key}")
+        others = [c for c in cands if c[0].id != doc.id]
+        rng.shuffle(others)
+        others.sort(key=lambda c: (c[0].source != doc.source, c[1].topic != sent.topic,
+                                   c[3][0].isupper() != rest[0].isupper(), abs(len(c[3].split()) - len(rest.split()))))
+        options = [(rest, doc.id, sent.key)]
+        keys = {text_key(rest)}
+        for other_doc, other, _, other_rest in others:
+            if len(options) == MC_OPTIONS:
+                break
+            if text_key(other_rest) not in keys:
+                options.append((other_rest, other_doc.id, other.key))
+                keys.add(text_key(other_rest))
+        if len(options) < MC_OPTIONS:
+            raise BroadTextError(f"mc: needs {MC_OPTIONS} different rests from other test documents, "
+                                 f"found {len(options)} for {sent.text!r}")
+        rng.shuffle(options)
+        texts, option_docs, option_keys = zip(*options)
+        questions.append(Question(context, texts, texts.index(rest), doc.id, doc.source, sent.topic, sent.key,
+                                  option_docs, option_keys))
+    return questions
+
+
+def check_mc_heldout(questions: list[Question], splits: dict[str, list[Document]]) -> None:
+    """Raise unless every question's sentence and every option's sentence is a test-split sentence of
+    a test document, of a document other than the question's for the wrong options, and never in
+    train or the pool (normalised text)."""
+    test = {d.id: {s.key for s in d.sentences} for d in splits["test"]}
+    training_docs = {d.id for split in ("train", "pool") for d in splits[split]}
+    training = {s.key for split in ("train", "pool") for d in splits[split] for s in d.sentences}
+    for q in questions:
+        for i, (doc, key) in enumerate(zip(q.option_docs, q.option_keys)):
+            where = "its context" if i == q.answer else f"option {i}"
+            if doc in training_docs or key in training:
+                raise BroadTextError(f"mc: {where} of {q.context!r} comes from a train/pool document ({doc})")
+            if key not in test.get(doc, ()):
+                raise BroadTextError(f"mc: {where} of {q.context!r} is not a sentence of a test document ({doc})")
+            if (i == q.answer) != (doc == q.doc):
+                raise BroadTextError(f"mc: {where} of {q.context!r} is from the wrong document ({doc})")
+
+
+def plan_mc(questions: list[Question], voices: list[str]) -> SpokenSet:
+    """The spoken contexts (the voices dealt out in turn) and the fortunes' manifest fields."""
+    items, extra = [], {}
+    for i, q in enumerate(questions):
+        speaker = voices[i % len(voices)]
+        rest = q.options[q.answer]
+        item_id = f"mc-{_digest(speaker, q.context, rest)}"
+        items.append(SynthesisItem(item_id, q.context, speaker))
+        extra[item_id] = {"topic": q.topic, "options": list(q.options), "answer": q.answer, "source": q.source,
+                          "doc": q.doc}
+    return SpokenSet("mc", "test", items, extra)
+
+
 def doc_rows(docs: list[Document]) -> list[dict]:
     return [{"id": d.id, "text": d.text, "topic": d.topic, "n_words": d.n_words, "source": d.source,
              "n_sentences": len(d.sentences)} for d in docs]
@@ -911,9 +1031,9 @@ def _stats(docs: list[Document]) -> dict:
                                "p10": pct(0.1), "p50": pct(0.5), "p90": pct(0.9)}}
 
 
-def fingerprint(packages: dict[str, Path], scale: str, seed: int) -> dict:
+def fingerprint(packages: dict[str, Path], scale: str, seed: int, mc: dict | None = None) -> dict:
     inputs = {"packages": {s: hashlib.sha256(p.read_bytes()).hexdigest() for s, p in sorted(packages.items())},
-              "scale": scale, "counts": SCALES[scale], "seed": seed, "settings": SETTINGS,
+              "scale": scale, "counts": SCALES[scale], "seed": seed, "settings": SETTINGS, "mc": mc,
               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
     return json.loads(json.dumps(inputs))  # as summary.json holds it (tuples as lists)
 
@@ -924,6 +1044,11 @@ def _up_to_date(out: Path, inputs: dict) -> dict | None:
     except (OSError, ValueError):
         return None
     files = [out / group / f"{split}.jsonl" for group in ("docs", "sentences") for split in SPLITS]
+    if (inputs.get("mc") or {}).get("questions"):
+        mc = out / "mc" / "test.jsonl"
+        if not mc.is_file():
+            return None
+        files += [out / "mc" / json.loads(line)["audio"] for line in mc.read_text(encoding="utf-8").splitlines()]
     return summary if summary.get("inputs") == inputs and all(f.is_file() for f in files) else None
 
 
@@ -948,9 +1073,13 @@ def read_sources(packages: dict[str, Path], seed: int, progress: bool) -> tuple[
 
 
 def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale: str = "demo",
-                       sources: Iterable[str] = SOURCES, seed: int = 0, progress: bool = True) -> dict:
+                       sources: Iterable[str] = SOURCES, seed: int = 0, progress: bool = True, *,
+                       n_mc: int | None = None, heldout_voices: Iterable[str] = HELDOUT_VOICES,
+                       workers: int = 2) -> dict:
     """Build the manifests under ``out`` (see the module docstring) and return the summary; a finished
-    run on the same inputs is left as it is (the summary says ``"unchanged": true``)."""
+    run on the same inputs is left as it is (the summary says ``"unchanged": true``). ``n_mc``
+    overrides the scale's multiple-choice questions, spoken by ``heldout_voices`` in ``workers``
+    processes."""
     start = time.perf_counter()
     out, debs = Path(out), Path(debs)
     if scale not in SCALES:
@@ -960,7 +1089,15 @@ def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale:
     if unknown or not sources:
         raise BroadTextError(f"unknown source(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SOURCES)}")
     packages = fetch_packages(debs, [s for s in SOURCES if s in sources])
-    inputs = fingerprint(packages, scale, seed)
+    n_mc = SCALES[scale].get("mc", 0) if n_mc is None else n_mc
+    mc_settings = None
+    if n_mc:
+        try:
+            voices = _resolve_voices(heldout_voices, "held-out")
+        except RuntimeError as err:
+            raise BroadTextError(f"mc: {err} (--n-mc 0 writes no multiple-choice test)") from None
+        mc_settings = {"questions": n_mc, "voices": voices}
+    inputs = fingerprint(packages, scale, seed, mc_settings)
     if (summary := _up_to_date(out, inputs)) is not None:
         return {**summary, "unchanged": True}
 
@@ -975,6 +1112,15 @@ def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale:
             raise BroadTextError(f"no document fell into the {split} split")
         write_if_changed(out / "docs" / f"{split}.jsonl", doc_rows(splits[split]))
         write_if_changed(out / "sentences" / f"{split}.jsonl", sentence_rows(splits[split]))
+    mc_summary = None
+    if mc_settings:
+        questions = mc_questions(splits["test"], n_mc, seed)
+        check_mc_heldout(questions, splits)
+        spoken = _speak(out, plan_mc(questions, mc_settings["voices"]), workers, progress, None)
+        log.info("mc: %d questions, %d clips synthesised in %.0f s", len(questions), spoken["synthesized"],
+                 spoken["synthesis_seconds"])
+        mc_summary = {"questions": len(questions), "options": MC_OPTIONS, "hours": round(spoken["hours"], 4),
+                      "voices": spoken["voices"], "sources": dict(Counter(q.source for q in questions))}
 
     per_source = {}
     for source, docs in documents.items():
@@ -990,6 +1136,7 @@ def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale:
         "scale": scale,
         "sources": per_source,
         "splits": {split: _stats(splits[split]) for split in SPLITS},
+        "mc": mc_summary,
         "seconds": round(time.perf_counter() - start, 2),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -1007,6 +1154,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", default=",".join(SOURCES),
                         help="comma-separated, of: " + ", ".join(SOURCES) + " (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and documents (default: %(default)s)")
+    parser.add_argument("--n-mc", type=int, help="spoken multiple-choice questions from the test documents "
+                                                  "(default: the scale's; 0: none, and no TTS needed)")
+    parser.add_argument("--heldout-voices", nargs="+", default=list(HELDOUT_VOICES), metavar="SPEC",
+                        help="TTS voices of the multiple-choice contexts, never heard in training "
+                             "(default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="synthesis processes (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -1014,7 +1167,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = prepare_broad_text(args.out, args.debs, args.scale, args.sources.split(","), args.seed,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, n_mc=args.n_mc,
+                                     heldout_voices=args.heldout_voices, workers=args.workers)
     except BroadTextError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1032,5 +1186,9 @@ def run(args: argparse.Namespace) -> int:
         s = splits[split]
         print(f"{args.out / 'docs' / (split + '.jsonl')}: {s['documents']} documents, {s['sentences']} sentences, "
               f"{s['words']} words, {s['topics']} topics")
+    if summary.get("mc"):
+        mc = summary["mc"]
+        print(f"{args.out / 'mc' / 'test.jsonl'}: {mc['questions']} spoken questions of {mc['options']} options "
+              f"({', '.join(f'{k} {v}' for k, v in mc['sources'].items())}), {mc['hours'] * 3600:.0f} s of speech")
     print(f"done in {summary['seconds']:.1f} s")
     return 0

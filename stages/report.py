@@ -182,8 +182,14 @@ def format_report(report: dict) -> str:
                      f"{sel.get('synthesised_seconds', 0):.0f} s synthesised; clusters by M:")
         for c in top:
             topics = ", ".join(f"{t['topic']} {t['share']:.0%}" for t in c["topics"])
-            lines.append(f"   cluster {c['cluster']:>3}  M {c['M']:.4f}  P_web {c['p_web']:.3f}  P_target {c['p_target']:.3f}"
+            after = f" -> {c['M_after']:.4f} after" if "M_after" in c else ""
+            lines.append(f"   cluster {c['cluster']:>3}  M {c['M']:.4f}{after}  P_web {c['p_web']:.3f}  P_target {c['p_target']:.3f}"
                          f"  selected {c['selected']:>3}  [{topics}]")
+        for group, label in (("targeted", "targeted"), ("others", "other")):
+            g = sel.get("M_after_summary", {}).get(group)
+            if g and g["clusters"]:
+                lines.append(f"   mean M of {label} clusters ({g['clusters']}): {g['M']:.4f} -> {g['M_after']:.4f} "
+                             f"after training ({g['change']:+.4f})")
         lines.append("   selected topics: " + ", ".join(f"{t} {n}" for t, n in list(sel["selected_topics"].items())[:8]))
     return "\n".join(lines)
 

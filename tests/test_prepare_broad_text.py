@@ -3,8 +3,9 @@ a dict-gcide .deb with its dictd index and dictzip data, a gensim wheel with the
 MediaWiki dump): byte-identical output from two runs, a second run that does nothing, held-out
 documents never in train or the pool (and the check that says so fires on a made leak), source and
 topic kept on every document and sentence, the sentence filters, and a clear message when a package
-is missing and cannot be fetched. One slow test runs on the real packages when they are in
-``.cache/debs``."""
+is missing and cannot be fetched; the multiple-choice test: its questions from test documents only
+(and the check that says so fires on made leaks), deterministic, spoken by a held-out voice in the
+fortunes' format. One slow test runs on the real packages when they are in ``.cache/debs``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import random
 import sys
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,7 @@ WORDS = ("river stone garden window music letter winter market forest doctor tea
          "engine kitchen summer village coffee silver paper mountain harbour yellow quiet gentle "
          "ancient narrow early bright heavy simple modern careful sudden famous walks builds carries "
          "opens follows watches finds paints remembers crosses").split()
-SMALL = {"train": 8, "dev": 4, "test": 4, "pool_sentences": 30}
+SMALL = {"train": 8, "dev": 4, "test": 4, "pool_sentences": 30, "mc": 0}  # the mc tests ask for questions
 
 
 def phrase(rng: random.Random, n: int) -> str:
@@ -432,6 +434,110 @@ def test_shares_deal_out_a_shortfall():
 
 
 # ---------------------------------------------------------------------------------------------------
+# The multiple-choice test
+# ---------------------------------------------------------------------------------------------------
+
+
+def fake_splits(cache: Path, seed: int = 0) -> dict[str, list]:
+    documents, _, _ = pbt.read_sources(pbt.fetch_packages(cache, pbt.SOURCES), seed, progress=False)
+    return pbt.assign_splits(documents, SMALL, seed)
+
+
+def test_mc_questions_come_from_test_documents_only(cache):
+    splits = fake_splits(cache)
+    questions = pbt.mc_questions(splits["test"], 12, seed=0)
+    assert len(questions) == 12
+    # dealt equally over the sources of the test split (4 here)
+    assert sorted(Counter(q.source for q in questions).values()) == [3, 3, 3, 3]
+    test_sentences = {s.key: (d.id, s.text) for d in splits["test"] for s in d.sentences}
+    training = {s.key for split in ("train", "pool") for d in splits[split] for s in d.sentences}
+    training_docs = {d.id for split in ("train", "pool") for d in splits[split]}
+    for q in questions:
+        assert len(q.options) == len({text_key(o) for o in q.options}) == pbt.MC_OPTIONS
+        doc, sentence = test_sentences[q.key]
+        assert doc == q.doc and f"{q.context} {q.options[q.answer]}" == sentence  # the true continuation
+        assert len(q.context.split()) >= pbt.MC_CONTEXT_WORDS and len(q.options[q.answer].split()) >= pbt.MC_REST_WORDS
+        for i, (option, option_doc, key) in enumerate(zip(q.options, q.option_docs, q.option_keys)):
+            assert key in test_sentences and key not in training and option_doc not in training_docs
+            assert test_sentences[key][1].endswith(option)  # a continuation of that held-out sentence
+            assert (option_doc == q.doc) == (i == q.answer)  # distractors: other documents
+    assert len({q.key for q in questions}) == len(questions)
+    # deterministic, whatever the order of the documents; another seed, other questions
+    assert pbt.mc_questions(list(reversed(splits["test"])), 12, seed=0) == questions
+    assert pbt.mc_questions(splits["test"], 12, seed=1) != questions
+    pbt.check_mc_heldout(questions, splits)
+
+
+def test_the_mc_check_fires_on_made_leaks(cache):
+    splits = fake_splits(cache)
+    (question,) = pbt.mc_questions(splits["test"], 1, seed=0)
+    # its document also on the training side
+    leaked = {**splits, "pool": splits["pool"] + [d for d in splits["test"] if d.id == question.doc]}
+    with pytest.raises(pbt.BroadTextError, match="its context .* comes from a train/pool document"):
+        pbt.check_mc_heldout([question], leaked)
+    # a distractor cut from a training sentence
+    wrong = next(i for i in range(pbt.MC_OPTIONS) if i != question.answer)
+    train_doc = splits["train"][0]
+    keys = list(question.option_keys)
+    docs = list(question.option_docs)
+    keys[wrong], docs[wrong] = train_doc.sentences[0].key, train_doc.id
+    bad = pbt.Question(**{**question.__dict__, "option_keys": tuple(keys), "option_docs": tuple(docs)})
+    with pytest.raises(pbt.BroadTextError, match=f"option {wrong} .* train/pool document"):
+        pbt.check_mc_heldout([bad], splits)
+    # a distractor from the question's own document
+    docs[wrong], keys[wrong] = question.doc, question.key
+    with pytest.raises(pbt.BroadTextError, match="wrong document"):
+        pbt.check_mc_heldout([pbt.Question(**{**question.__dict__, "option_keys": tuple(keys),
+                                               "option_docs": tuple(docs)})], splits)
+    # and in the step: questions from the dev split instead are stopped before anything is spoken
+    real = pbt.mc_questions
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pbt, "mc_questions", lambda docs, n, seed: real(splits["dev"], n, seed))
+        patch.setattr(pbt, "_resolve_voices", lambda specs, role: list(specs))
+        with pytest.raises(pbt.BroadTextError, match="not a sentence of a test document"):
+            pbt.prepare_broad_text(cache.parent / "o", cache, progress=False, n_mc=2)
+    assert not (cache.parent / "o" / "mc").exists()
+
+
+def test_the_spoken_mc_test(cache, tmp_path, tts_voice):
+    voice = tts_voice("flite:slt").name  # a held-out voice of the demo (festival's is slow to start)
+    assert voice in [tts_voice(v).name for v in pbt.HELDOUT_VOICES]
+    first = pbt.prepare_broad_text(tmp_path / "a", cache, progress=False, n_mc=4, heldout_voices=[voice], workers=1)
+    assert first["mc"]["questions"] == 4 and first["mc"]["voices"] == {voice: 4} and first["mc"]["hours"] > 0
+    rows_ = rows(tmp_path / "a", "mc", "test")
+    demo_fields = {"id", "audio", "duration", "text", "speaker", "topic", "options", "answer"}  # prepare_demo_data's
+    assert all(set(r) == demo_fields | {"source", "doc"} for r in rows_)
+    questions = pbt.mc_questions(fake_splits(cache)["test"], 4, seed=0)
+    assert [(r["text"], r["options"], r["answer"], r["doc"]) for r in rows_] == [
+        (q.context, list(q.options), q.answer, q.doc) for q in questions]
+    loaded = load_manifest(tmp_path / "a" / "mc" / "test.jsonl", require_audio=True)
+    assert all(u.duration > 0.3 and u.speaker == voice and u.audio.is_file() for u in loaded)
+    test_docs = {r["id"] for r in rows(tmp_path / "a", "docs", "test")}
+    assert {r["doc"] for r in rows_} <= test_docs
+    # the same bytes from a second run elsewhere; nothing done by a second run here
+    pbt.prepare_broad_text(tmp_path / "b", cache, progress=False, n_mc=4, heldout_voices=[voice], workers=1)
+    a, b = outputs(tmp_path / "a"), outputs(tmp_path / "b")
+    assert a == b and "mc/test.jsonl" in a
+    assert [p.read_bytes() for p in sorted((tmp_path / "a" / "mc" / "wav").iterdir())] == [
+        p.read_bytes() for p in sorted((tmp_path / "b" / "mc" / "wav").iterdir())]
+    assert pbt.prepare_broad_text(tmp_path / "a", cache, progress=False, n_mc=4, heldout_voices=[voice])["unchanged"]
+    # a lost clip is made again
+    loaded[0].audio.unlink()
+    assert not pbt.prepare_broad_text(tmp_path / "a", cache, progress=False, n_mc=4, heldout_voices=[voice],
+                                      workers=1)["unchanged"]
+    assert loaded[0].audio.is_file() and outputs(tmp_path / "a") == b
+
+
+def test_mc_without_a_voice_says_how_to_do_without(cache, tmp_path, monkeypatch):
+    def none(specs, role):
+        raise RuntimeError(f"no {role} voice is available (tried {list(specs)})")
+
+    monkeypatch.setattr(pbt, "_resolve_voices", none)
+    with pytest.raises(pbt.BroadTextError, match=r"no held-out voice .*--n-mc 0"):
+        pbt.prepare_broad_text(tmp_path / "o", cache, progress=False, n_mc=3)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Packages and the command line
 # ---------------------------------------------------------------------------------------------------
 
@@ -501,3 +607,9 @@ def test_real_packages(tmp_path):
     assert sources["gcide"]["package"]["license"] == "GPL-2+"
     keys = {split: {text_key(r["text"]) for r in rows(tmp_path / "broad", "sentences", split)} for split in SPLITS}
     assert not (keys["dev"] | keys["test"]) & (keys["train"] | keys["pool"])
+    # the spoken multiple-choice test, by the demo's held-out voices, from test documents
+    assert summary["mc"]["questions"] == counts["mc"] and set(summary["mc"]["sources"]) == set(sources)
+    questions = load_manifest(tmp_path / "broad" / "mc" / "test.jsonl", require_audio=True)
+    test_docs = {r["id"] for r in rows(tmp_path / "broad", "docs", "test")}
+    assert len(questions) == counts["mc"] and all(u.meta["doc"] in test_docs for u in questions)
+    assert all(text_key(u.text + " " + u.meta["options"][u.meta["answer"]]) in keys["test"] for u in questions)
