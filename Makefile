@@ -22,7 +22,7 @@ RUN_ARGS    = --scale $(SCALE) --run-dir $(RUN_DIR) $(if $(DEVICES),trainer.devi
 #   make setup TORCH_PIP_ARGS="--index-url <PyTorch CPU wheel index>"
 TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts fortunes
+SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts fortunes
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

@@ -5,6 +5,13 @@ A voice is named by a spec ``"ENGINE:VOICE[,key=value...]"``, e.g. ``"espeak-ng:
 ``"transformers:facebook/mms-tts-eng,seed=1"``; ``get_voice(spec)`` builds it and ``voice.name`` gives
 the spec back, which is what manifests record as the speaker.
 
+Voice variety: ``voice_pool(engine)`` lists the English voices of an engine installed here (espeak-ng's
+accents, alone and with its curated variants; flite's and festival's voices), and ``draw_voice`` picks
+one for an utterance together with a pitch shift (semitones) and a speaking-rate factor, from a
+generator seeded by a key (the utterance's id), so the same key always gives the same spec and
+audio. ``with_prosody`` turns (voice, pitch, rate) into the engine's own settings: espeak-ng
+``pitch=``/``speed=``, flite and festival ``f0_shift=``/``stretch=``.
+
 espeak-ng, flite and festival are Debian programs under licences we must not link into this
 Apache-2.0 code (espeak-ng is GPL-3.0+), so they are always run as separate processes. Piper is a
 Python package (GPL-3.0) and stays an optional extra, imported only when a Piper voice is built.
@@ -20,10 +27,14 @@ import functools
 import importlib
 import importlib.util
 import math
+import random
+import re
 import shutil
 import subprocess
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -137,6 +148,14 @@ class TTSVoice(ABC):
         """The spec that ``get_voice`` turns back into this voice."""
         return f"{self.engine}:{self.voice}"
 
+    @classmethod
+    def with_prosody(cls, voice: str, pitch: float, rate: float) -> tuple[str, float, float]:
+        """The spec of ``voice`` with its pitch shifted by ``pitch`` semitones and its speaking rate
+        times ``rate``, as near as the engine's settings come, and the (pitch, rate) it gets. Each
+        setting is rounded towards the voice's own, so what it gets lies between the voice's own and
+        what was asked for; (0, 1) for what the engine or voice cannot change."""
+        return f"{cls.engine}:{voice}", 0.0, 1.0
+
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         text = normalize_text(text)
         if not text:
@@ -184,6 +203,21 @@ class EspeakVoice(TTSVoice):
             name += f",pitch={self.pitch}"
         return name
 
+    # -p is 0-99 around 50, not Hz: on en-us, -p 25 / 50 / 75 give a median F0 of about 85 / 103 / 132 Hz,
+    # some 3.3 and 4.3 semitones down and up, so about 6.5 steps a semitone
+    PITCH_STEPS_PER_SEMITONE = 6.5
+
+    @classmethod
+    def with_prosody(cls, voice: str, pitch: float, rate: float) -> tuple[str, float, float]:
+        steps = _trunc(pitch * cls.PITCH_STEPS_PER_SEMITONE)  # towards the voice's own
+        p = min(99, max(0, cls.DEFAULT_PITCH + steps))
+        speed = cls.DEFAULT_SPEED + _trunc(cls.DEFAULT_SPEED * (rate - 1.0))
+        spec = f"{cls.engine}:{voice}"
+        spec += f",speed={speed}" if speed != cls.DEFAULT_SPEED else ""
+        spec += f",pitch={p}" if p != cls.DEFAULT_PITCH else ""
+        applied_pitch = round((p - cls.DEFAULT_PITCH) / cls.PITCH_STEPS_PER_SEMITONE, 2)
+        return spec, applied_pitch, round(speed / cls.DEFAULT_SPEED, 4)
+
     def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.wav"
@@ -192,24 +226,84 @@ class EspeakVoice(TTSVoice):
             return _run_to_wav([*cmd, "-w", str(out), "--stdin"], text, out)
 
 
+def _positive(value: float, what: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive number, got {value}")
+    return value
+
+
+def _trunc(x: float) -> int:
+    """``x`` rounded towards 0, where float noise (175 * 0.2 = 34.99...) does not cost a whole step."""
+    return math.trunc(x + math.copysign(1e-9, x))
+
+
+def _toward_one(x: float, digits: int = 3) -> float:
+    """``x`` rounded to ``digits`` decimals towards 1 (a factor never rounds past what was asked)."""
+    scale = 10**digits
+    return round(1.0 + _trunc((x - 1.0) * scale) / scale, digits)
+
+
+def _stretch_options(stretch: float, f0_shift: float) -> str:
+    """The spec's ``,stretch=...,f0_shift=...`` (shortest round-trip floats), defaults left out."""
+    return (f",stretch={stretch!r}" if stretch != 1.0 else "") + (
+        f",f0_shift={f0_shift!r}" if f0_shift != 1.0 else ""
+    )
+
+
+def _stretch_prosody(
+    engine: str, voice: str, pitch: float, rate: float, fixed_pitch: bool
+) -> tuple[str, float, float]:
+    """``with_prosody`` for engines set by a duration stretch (1 / rate) and an F0 factor."""
+    stretch = _toward_one(1.0 / rate)
+    f0_shift = 1.0 if fixed_pitch else _toward_one(2.0 ** (pitch / 12.0))
+    spec = f"{engine}:{voice}" + _stretch_options(stretch, f0_shift)
+    return spec, round(12.0 * math.log2(f0_shift), 2), round(1.0 / stretch, 4)
+
+
 class FliteVoice(TTSVoice):
-    """flite (16 kHz). ``kal`` is left out on purpose: it is the 8 kHz diphone voice; use ``kal16``."""
+    """flite (16 kHz). ``kal`` is left out on purpose: it is the 8 kHz diphone voice; use ``kal16``
+    (``awb_time`` is a talking clock, not a voice for text).
+
+    ``stretch`` multiplies every duration (flite's ``duration_stretch``: 1.2 is slower) and
+    ``f0_shift`` the F0 (flite's ``f0_shift``); ``rms`` ignores ``f0_shift`` (and
+    ``int_f0_target_mean``), so it keeps its own pitch.
+    """
 
     engine = "flite"
     voices = ("kal16", "awb", "rms", "slt")
+    options: ClassVar[dict[str, type]] = {"stretch": float, "f0_shift": float}
+    fixed_pitch: ClassVar[tuple[str, ...]] = ("rms",)
 
-    def __init__(self, voice: str = "slt") -> None:
+    def __init__(self, voice: str = "slt", stretch: float = 1.0, f0_shift: float = 1.0) -> None:
         if voice == "kal":
             raise ValueError("flite's 'kal' voice is 8 kHz: use 'kal16'")
         super().__init__(voice)
+        self.stretch = _positive(stretch, "flite's stretch")
+        self.f0_shift = _positive(f0_shift, "flite's f0_shift")
+        if voice in self.fixed_pitch and self.f0_shift != 1.0:
+            raise ValueError(f"flite's {voice!r} voice ignores f0_shift: its pitch cannot be changed")
         self.program = _require_program("flite", "flite")
 
+    @property
+    def name(self) -> str:
+        return super().name + _stretch_options(self.stretch, self.f0_shift)
+
+    @classmethod
+    def with_prosody(cls, voice: str, pitch: float, rate: float) -> tuple[str, float, float]:
+        return _stretch_prosody(cls.engine, voice, pitch, rate, voice in cls.fixed_pitch)
+
     def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        settings = []
+        if self.stretch != 1.0:
+            settings += ["--setf", f"duration_stretch={self.stretch!r}"]
+        if self.f0_shift != 1.0:
+            settings += ["--setf", f"f0_shift={self.f0_shift!r}"]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.wav"
             # `-t` consumes the next argument verbatim, so a leading '-' in the text is safe
             return _run_to_wav(
-                [self.program, "-voice", self.voice, "-t", text, "-o", str(out)], None, out
+                [self.program, "-voice", self.voice, *settings, "-t", text, "-o", str(out)], None, out
             )
 
 
@@ -233,10 +327,12 @@ def _scheme_string(text: str) -> str:
 
 
 class FestivalVoice(TTSVoice):
-    """festival: ``kal`` (diphone, 16 kHz) or ``slt-hts`` (HTS, 32 kHz).
+    """festival: ``kal`` and ``ked`` (diphone, 16 kHz; American English men) or ``slt-hts`` (HTS, 32 kHz).
 
     Starting festival takes ~0.5 s, which dominates short clips, so ``synthesize_many`` speaks all
     its texts in one process (as many utterances; the audio is what ``text2wave`` makes of each).
+    ``stretch`` multiplies the voice's own ``Duration_Stretch`` (1.2 is slower) and ``f0_shift`` its
+    F0 targets (``int_lr_params``' mean and spread); the HTS voice ignores both, so takes neither.
     """
 
     engine = "festival"
@@ -248,18 +344,49 @@ class FestivalVoice(TTSVoice):
             "us/cmu_us_slt_arctic_hts",
             "festvox-us-slt-hts",
         ),
+        "ked": ("voice_ked_diphone", "english/ked_diphone", "festvox-kdlpc16k"),
     }
     voices = tuple(_installed)
     voice_root = Path("/usr/share/festival/voices")
+    options: ClassVar[dict[str, type]] = {"stretch": float, "f0_shift": float}
+    fixed_prosody: ClassVar[tuple[str, ...]] = ("slt-hts",)
 
-    def __init__(self, voice: str = "slt-hts") -> None:
+    def __init__(self, voice: str = "slt-hts", stretch: float = 1.0, f0_shift: float = 1.0) -> None:
         super().__init__(voice)
+        self.stretch = _positive(stretch, "festival's stretch")
+        self.f0_shift = _positive(f0_shift, "festival's f0_shift")
+        if voice in self.fixed_prosody and (self.stretch, self.f0_shift) != (1.0, 1.0):
+            raise ValueError(f"festival's {voice!r} voice ignores stretch and f0_shift")
         self.program = _require_program("festival", "festival")
         self.function, folder, package = self._installed[voice]
         if not (self.voice_root / folder).is_dir():
             raise TTSUnavailableError(
                 f"festival voice {voice!r} is not installed: run `apt-get install {package}` (as root)"
             )
+
+    @property
+    def name(self) -> str:
+        return super().name + _stretch_options(self.stretch, self.f0_shift)
+
+    @classmethod
+    def with_prosody(cls, voice: str, pitch: float, rate: float) -> tuple[str, float, float]:
+        if voice in cls.fixed_prosody:
+            return f"{cls.engine}:{voice}", 0.0, 1.0
+        return _stretch_prosody(cls.engine, voice, pitch, rate, False)
+
+    def _settings(self) -> list[str]:
+        """Scheme that applies ``stretch`` and ``f0_shift`` after the voice is selected."""
+        settings = []
+        if self.stretch != 1.0:
+            settings.append(
+                f"(Parameter.set 'Duration_Stretch (* {self.stretch!r} (Parameter.get 'Duration_Stretch)))"
+            )
+        if self.f0_shift != 1.0:
+            settings.append(
+                "(set! int_lr_params (mapcar (lambda (p) (if (member (car p) '(target_f0_mean target_f0_std))"
+                f" (list (car p) (* {self.f0_shift!r} (cadr p))) p)) int_lr_params))"
+            )
+        return settings
 
     def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
         return self.synthesize_many([text])[0]
@@ -277,7 +404,8 @@ class FestivalVoice(TTSVoice):
             return []
         with tempfile.TemporaryDirectory() as tmp:
             # texts go through files, never through Scheme source: no quoting to get wrong
-            script = ['(load (path-append datadir "init.scm"))', f"({self.function})", _FESTIVAL_SPEAK_FILE]
+            script = ['(load (path-append datadir "init.scm"))', f"({self.function})", *self._settings()]
+            script.append(_FESTIVAL_SPEAK_FILE)
             for i, text in enumerate(sayable):
                 (Path(tmp) / f"{i}.txt").write_text(text, encoding="utf-8")
                 paths = (_scheme_string(str(Path(tmp) / f"{i}{ext}")) for ext in (".txt", ".wav"))
@@ -431,6 +559,9 @@ ENGINES: dict[str, type[TTSVoice]] = {
 }
 
 
+_FLOAT = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def get_voice(spec: str) -> TTSVoice:
     """Build the voice named by ``"ENGINE:VOICE[,key=value...]"``.
 
@@ -446,7 +577,7 @@ def get_voice(spec: str) -> TTSVoice:
         )
     cls = ENGINES[engine]
     voice, *options = rest.split(",")
-    kwargs: dict[str, int | str] = {}
+    kwargs: dict[str, int | float | str] = {}
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not value:
@@ -456,6 +587,8 @@ def get_voice(spec: str) -> TTSVoice:
             raise ValueError(f"bad voice spec {spec!r}: {engine} has no option {key!r} (it takes {takes})")
         if cls.options[key] is int and not value.lstrip("-").isdigit():
             raise ValueError(f"bad option {option!r} in voice spec {spec!r}: {key} must be an integer")
+        if cls.options[key] is float and not _FLOAT.fullmatch(value):
+            raise ValueError(f"bad option {option!r} in voice spec {spec!r}: {key} must be a number")
         kwargs[key] = cls.options[key](value)
     return cls(voice, **kwargs)
 
@@ -510,3 +643,139 @@ def synthesize_spans(
         start = end
     wav = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
     return wav, sample_rate, segments
+
+
+# --- voice variety ------------------------------------------------------------------------------------
+
+# espeak-ng's English accents (Debian's espeak-ng-data; the mb-* English voices need MBROLA, which Debian
+# ships only outside main). `espeak-ng --voices=en` lists them.
+ESPEAK_ENGLISH = (
+    "en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029",
+    "en-us-nyc",
+)  # fmt: skip
+# espeak-ng's voice variants (`espeak-ng --voices=variant`, used as `en-us+m3`) that still sound like a
+# person speaking English: Whisper tiny.en's own decoding heard each on en-us (3 sentences, 31 words)
+# at a WER of at most 0.40, as it hears the plain accents (0.10-0.36; 0.23 on average over these).
+# Left out: those above (Alicia, AnxiousAndy, Jacky, norbert, zac, kaukovalta, RicishayMax2/3, at 0.42
+# to 7.7), the robots and effects (robosoft*, UniRobot, anikaRobot, Demonic, announcer, RicishayMax),
+# the whispers (whisper, whisperf), fast (a speed test, not a voice) and "Mr serious" (a space in its name).
+ESPEAK_VARIANTS = (
+    "Alex", "Andrea", "Andy", "Annie", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Lee", "Marco",
+    "Mario", "Michael", "Mike", "Nguyen", "Storm", "Tweaky", "adam", "anika", "antonio", "aunty", "belinda",
+    "benjamin", "boris", "caleb", "croak", "david", "ed", "edward", "edward2", "f1", "f2", "f3", "f4", "f5",
+    "grandma", "grandpa", "gustave", "iven", "iven2", "iven3", "iven4", "john", "klatt", "klatt2", "klatt3",
+    "klatt4", "klatt5", "klatt6", "linda", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "marcelo", "max",
+    "michel", "miguel", "pablo", "paul", "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph",
+    "steph2", "steph3", "travis", "victor",
+)  # fmt: skip
+# the engines and voices a varied training set draws on: those `make system-deps` installs
+VARIED_ENGINES = ("espeak-ng", "flite", "festival")
+PITCH_SEMITONES = (-3.0, 3.0)  # per-utterance pitch shift, uniform in semitones
+RATE_FACTORS = (0.85, 1.2)  # per-utterance speaking-rate factor, log-uniform
+
+
+def base_spec(spec: str) -> str:
+    """``ENGINE:VOICE`` of a spec, its options (pitch, rate, ...) left out."""
+    return spec.split(",", 1)[0]
+
+
+def _list_output(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def voice_pool(engine: str, installed: bool = True) -> list[str]:
+    """The English voices of ``engine`` installed here, as specs without options, in a fixed order
+    (for espeak-ng each accent of ``ESPEAK_ENGLISH`` alone and then with each of ``ESPEAK_VARIANTS``).
+
+    An engine or voice that is missing here is left out (``[]`` when the engine is); with
+    ``installed=False``, the whole list whatever is installed. The transformers engine takes any
+    checkpoint, so has no pool.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown TTS engine {engine!r}; choose from {sorted(ENGINES)}")
+    if engine == "espeak-ng":
+        accents, variants = set(ESPEAK_ENGLISH), set(ESPEAK_VARIANTS)
+        if installed and shutil.which("espeak-ng") is None:
+            return []
+        if installed:
+            # columns: Pty Language Age/Gender VoiceName File [Other Languages]
+            rows = [line.split() for line in _list_output(["espeak-ng", "--voices=en"]).splitlines()[1:]]
+            accents = {row[1] for row in rows if len(row) >= 5 and not row[4].startswith("mb/")}
+            rows = [line.split() for line in _list_output(["espeak-ng", "--voices=variant"]).splitlines()[1:]]
+            variants = {row[4][3:] for row in rows if len(row) >= 5 and row[4].startswith("!v/")}
+        suffixes = ["", *(f"+{v}" for v in ESPEAK_VARIANTS if v in variants)]
+        return [f"espeak-ng:{a}{suffix}" for a in ESPEAK_ENGLISH if a in accents for suffix in suffixes]
+    if engine == "flite":
+        if not installed:
+            return [f"flite:{v}" for v in FliteVoice.voices]
+        if shutil.which("flite") is None:
+            return []
+        listed = set(_list_output(["flite", "-lv"]).split(":", 1)[-1].split())
+        return [f"flite:{v}" for v in FliteVoice.voices if v in listed]
+    if engine == "festival":
+        if installed and shutil.which("festival") is None:
+            return []
+        return [
+            f"festival:{v}"
+            for v, (_, folder, _) in FestivalVoice._installed.items()
+            if not installed or (FestivalVoice.voice_root / folder).is_dir()
+        ]
+    if engine == "piper":
+        if installed and importlib.util.find_spec("piper") is None:
+            return []
+        return [
+            f"piper:{v}"
+            for v, pkg in PiperVoice._packages.items()
+            if not installed or importlib.util.find_spec(pkg)
+        ]
+    return []
+
+
+@dataclass(frozen=True)
+class VoiceDraw:
+    """One utterance's voice: ``spec`` (what ``get_voice`` builds and manifests record as the speaker),
+    ``voice`` (the same voice without its settings), and the ``pitch`` shift (semitones) and ``rate``
+    factor it got (0 and 1: the voice's own)."""
+
+    spec: str
+    voice: str
+    pitch: float
+    rate: float
+
+
+def with_prosody(voice: str, pitch: float = 0.0, rate: float = 1.0) -> VoiceDraw:
+    """``voice`` (``ENGINE:VOICE``) shifted by ``pitch`` semitones and sped up ``rate`` times, in the
+    engine's own settings (``TTSVoice.with_prosody``)."""
+    engine, sep, name = base_spec(voice).partition(":")
+    if not sep or engine not in ENGINES:
+        raise ValueError(f"bad voice {voice!r}: expected ENGINE:VOICE with ENGINE in {sorted(ENGINES)}")
+    if not rate > 0:
+        raise ValueError(f"rate must be positive, got {rate}")
+    spec, applied_pitch, applied_rate = ENGINES[engine].with_prosody(name, pitch, rate)
+    return VoiceDraw(spec, f"{engine}:{name}", applied_pitch, applied_rate)
+
+
+def draw_voice(
+    pools: Mapping[str, Sequence[str]],
+    key: str,
+    pitch_range: tuple[float, float] = PITCH_SEMITONES,
+    rate_range: tuple[float, float] = RATE_FACTORS,
+) -> VoiceDraw:
+    """The voice of the utterance ``key``, from a generator seeded by ``key`` alone (the same key, the
+    same draw): an engine, uniformly among those of ``pools`` (engine -> voices) that have a voice; one
+    of its voices, uniformly; a pitch shift uniform in ``pitch_range`` semitones and a rate factor
+    log-uniform in ``rate_range``. The ranges must hold the voice's own (0 and 1); what a voice gets lies
+    in them (``with_prosody`` rounds towards the voice's own, and keeps what a voice cannot change).
+    """
+    if not (pitch_range[0] <= 0.0 <= pitch_range[1] and 0 < rate_range[0] <= 1.0 <= rate_range[1]):
+        raise ValueError(f"pitch range {pitch_range} must hold 0 and rate range {rate_range} hold 1")
+    engines = sorted(engine for engine, voices in pools.items() if voices)
+    if not engines:
+        raise ValueError("no voice to draw from: every pool is empty")
+    rng = random.Random(f"draw_voice/{key}")
+    engine = engines[rng.randrange(len(engines))]
+    voice = pools[engine][rng.randrange(len(pools[engine]))]
+    pitch = rng.uniform(*pitch_range)
+    rate = math.exp(rng.uniform(math.log(rate_range[0]), math.log(rate_range[1])))
+    return with_prosody(voice, pitch, rate)

@@ -18,6 +18,13 @@ near-duplicate differing only in case and punctuation) lands in one split only. 
 uses held-out voices never heard in training. An item's id hashes its text and voice, so a wav on
 disk is always the right one: re-runs skip finished wavs, and a killed run resumes where it stopped.
 
+``--voices demo`` (the default) deals the few ``TRAIN_VOICES`` out in turn. ``--voices varied`` gives
+each training clip and document a voice of its own instead: drawn (``speechllm.tts.draw_voice``) from
+every English voice installed of espeak-ng (accents x variants), flite and festival, less the held-out
+voices, with a pitch shift and speaking rate of its own, all seeded by the clip's id (the seed and
+its text), so a re-run draws the same; those rows also record ``voice``, ``pitch`` (semitones) and
+``rate``. dev/test and the multiple-choice set are the same in both.
+
 Documents are consecutive fortunes of one topic and one split (in a seeded order) joined into texts of
 40-80 words. The training ones form the pool, the broad text pool of SALAD stage II; a sample of the
 pool (and documents built the same way from dev/test fortunes) is spoken chunk by chunk (3-6 words,
@@ -26,6 +33,7 @@ is a spoken StoryCloze-like test: the first words of a test fortune are spoken, 
 be told from three rests of other test fortunes of similar length.
 
     python -m stages.prepare_demo_data data/demo [--scale demo|full] [--seed 0] [--workers 2]
+        [--voices demo|varied]
 """
 
 from __future__ import annotations
@@ -46,7 +54,16 @@ from typing import TypeVar
 from speechllm.io import atomic_write
 from speechllm.manifest import write_manifest
 from speechllm.synthesis import SynthesisItem, chunk_words, manifest_rows, synthesize_items
-from speechllm.tts import TTSUnavailableError, get_voice, normalize_text
+from speechllm.tts import (
+    VARIED_ENGINES,
+    TTSUnavailableError,
+    VoiceDraw,
+    base_spec,
+    draw_voice,
+    get_voice,
+    normalize_text,
+    voice_pool,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +79,7 @@ TRAIN_VOICES = (
     "festival:kal",
 )
 HELDOUT_VOICES = ("flite:slt", "festival:slt-hts")
+VOICE_SETS = ("demo", "varied")  # the training voices: TRAIN_VOICES in turn, or a drawn voice per clip
 # clips per set: speech/<split>, docs/<split> (spoken documents) and mc/test (questions)
 SCALES = {
     "demo": {
@@ -220,14 +238,31 @@ def _sample(candidates: Sequence[T], n: int, seed: str, what: str) -> list[T]:
     return random.Random(seed).sample(list(candidates), n)
 
 
-def _plan_speech(split: str, candidates: list[Entry], n: int, voices: list[str], seed: int) -> SpokenSet:
-    """Pick ``n`` entries at random and deal the voices out in turn: equal shares per voice."""
+VoiceDrawer = Callable[[str], VoiceDraw]
+
+
+def _drawer(pools: dict[str, list[str]], seed: int) -> VoiceDrawer:
+    """The voice of a clip, from its key (its text or document id), for ``--voices varied``."""
+    return lambda key: draw_voice(pools, f"{seed}/{key}")
+
+
+def _voice_fields(draw: VoiceDraw) -> dict:
+    return {"voice": draw.voice, "pitch": draw.pitch, "rate": draw.rate}
+
+
+def _plan_speech(
+    split: str, candidates: list[Entry], n: int, voices: list[str], seed: int,
+    drawer: VoiceDrawer | None = None,
+) -> SpokenSet:  # fmt: skip
+    """Pick ``n`` entries at random and deal the voices out in turn: equal shares per voice. With
+    ``drawer`` each entry gets the voice drawn for ``<split>-<digest of its text>`` instead."""
     items, extra = [], {}
     for i, entry in enumerate(_sample(candidates, n, f"{seed}/{split}", f"speech {split}")):
-        speaker = voices[i % len(voices)]
+        draw = None if drawer is None else drawer(f"{split}-{_digest(entry.text)}")
+        speaker = voices[i % len(voices)] if draw is None else draw.spec
         item_id = f"{split}-{_digest(speaker, entry.text)}"
         items.append(SynthesisItem(item_id, entry.text, speaker, audio=f"wav/{split}/{item_id}.wav"))
-        extra[item_id] = {"topic": entry.topic}
+        extra[item_id] = {"topic": entry.topic} | ({} if draw is None else _voice_fields(draw))
     return SpokenSet("speech", split, items, extra)
 
 
@@ -262,15 +297,22 @@ def build_documents(entries: list[Entry], seed: str, words: tuple[int, int] = DO
     return documents
 
 
-def _plan_docs(split: str, documents: list[Document], n: int, voices: list[str], seed: int) -> SpokenSet:
-    """Sample ``n`` documents and speak each chunk by chunk, dealing the voices out in turn."""
+def _plan_docs(
+    split: str, documents: list[Document], n: int, voices: list[str], seed: int,
+    drawer: VoiceDrawer | None = None,
+) -> SpokenSet:  # fmt: skip
+    """Sample ``n`` documents and speak each chunk by chunk, dealing the voices out in turn (with
+    ``drawer``: in the voice drawn for ``docs-<split>-<document id>``, one voice a document)."""
     items, extra = [], {}
     for i, doc in enumerate(_sample(documents, n, f"{seed}/docs/{split}", f"docs {split}")):
-        speaker = voices[i % len(voices)]
+        draw = None if drawer is None else drawer(f"docs-{split}-{doc.id}")
+        speaker = voices[i % len(voices)] if draw is None else draw.spec
         chunks = chunk_words(doc.text, CHUNK_WORDS, random.Random(f"{seed}/chunks/{doc.id}"))
         item_id = f"docs-{split}-{_digest(speaker, *chunks)}"
         items.append(SynthesisItem(item_id, doc.text, speaker, chunks, audio=f"wav/{split}/{item_id}.wav"))
         extra[item_id] = {"doc": doc.id, "topic": doc.topic, "n_words": doc.n_words}
+        if draw is not None:
+            extra[item_id] |= _voice_fields(draw)
     return SpokenSet("docs", split, items, extra)
 
 
@@ -346,9 +388,27 @@ def _speak(
         "synthesized": len(new),
         "synthesis_seconds": seconds if new else 0.0,
         "hours": sum(r["duration"] for r in results.values()) / 3600,
-        "voices": dict(Counter(it.voice for it in spoken.items)),
+        "voices": dict(Counter(spoken.extra[it.id].get("voice", it.voice) for it in spoken.items)),
         "topics": dict(Counter(spoken.extra[it.id]["topic"] for it in spoken.items)),
     }
+
+
+def varied_pools(heldout: Iterable[str]) -> dict[str, list[str]]:
+    """Every English voice installed here of each of ``VARIED_ENGINES`` (``speechllm.tts.voice_pool``),
+    less the ``heldout`` voices (whatever their settings): the pools ``--voices varied`` draws from."""
+    excluded = {base_spec(spec) for spec in heldout}
+    pools = {engine: [v for v in voice_pool(engine) if v not in excluded] for engine in VARIED_ENGINES}
+    for engine, pool in pools.items():
+        # a voice missing here changes every draw (pools are drawn from by position): say so
+        if missing := [v for v in voice_pool(engine, installed=False) if v not in pool and v not in excluded]:
+            log.warning(
+                "--voices varied: %d %s voice(s) not installed here, so the draws differ from a machine "
+                "with them (make system-deps): %s", len(missing), engine, ", ".join(missing[:5]),
+            )  # fmt: skip
+    log.info("--voices varied: %s", ", ".join(f"{len(p)} {e} voices" for e, p in pools.items()))
+    if not any(pools.values()):
+        raise RuntimeError("--voices varied: no training voice is installed (make system-deps)")
+    return pools
 
 
 def prepare_demo_data(
@@ -364,6 +424,7 @@ def prepare_demo_data(
     n_mc: int | None = None,
     train_voices: Iterable[str] = TRAIN_VOICES,
     heldout_voices: Iterable[str] = HELDOUT_VOICES,
+    voices: str = "demo",
     fortunes_dir: str | Path = FORTUNES_DIR,
     topics: Iterable[str] | None = None,
     speech_words: tuple[int, int] = (4, 30),
@@ -379,7 +440,8 @@ def prepare_demo_data(
     ``n_docs`` (spoken documents per split) and ``n_mc`` (questions) override them. ``speech_words``
     and ``text_words`` are inclusive word-count ranges for the spoken clips and for the text-only
     corpus. ``workers`` processes synthesise in parallel (1: in this process). ``on_item`` is called
-    after each newly synthesised clip.
+    after each newly synthesised clip. ``voices="varied"`` draws each training clip's voice, pitch and
+    rate (see the module docstring; ``train_voices`` is then not used).
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -391,11 +453,20 @@ def prepare_demo_data(
     )
     doc_counts = dict(zip(SPLITS, n_docs, strict=True)) if n_docs is not None else SCALES[scale]["docs"]
     mc_count = n_mc if n_mc is not None else SCALES[scale]["mc"]
+    if voices not in VOICE_SETS:
+        raise ValueError(f"unknown voice set {voices!r}; choose from {list(VOICE_SETS)}")
+    voice_set = voices
+    if voice_set == "varied" and list(train_voices) != list(TRAIN_VOICES):
+        raise ValueError("--train-voices is for --voices demo: --voices varied draws the training voices")
 
-    voices = {"train": _resolve_voices(train_voices, "training")}
-    voices["dev"] = voices["test"] = _resolve_voices(heldout_voices, "held-out")
-    # compared after resolving, as canonical names: "espeak-ng:en-us,speed=175" is "espeak-ng:en-us"
-    if overlap := set(voices["train"]) & set(voices["test"]):
+    heldout = _resolve_voices(heldout_voices, "held-out")
+    pools = varied_pools(heldout) if voice_set == "varied" else None
+    drawer = None if pools is None else _drawer(pools, seed)
+    voices = {"train": _resolve_voices(train_voices, "training") if pools is None else [], "dev": heldout}
+    voices["test"] = heldout
+    # compared after resolving, as canonical names: "espeak-ng:en-us,speed=175" is "espeak-ng:en-us", and
+    # without settings: "flite:slt,stretch=1.1" is the held-out "flite:slt" spoken slower
+    if overlap := {base_spec(v) for v in voices["train"]} & {base_spec(v) for v in heldout}:
         raise ValueError(f"held-out voices must never be used for training: {sorted(overlap)}")
 
     entries = read_fortunes(Path(fortunes_dir), topics)
@@ -426,11 +497,15 @@ def prepare_demo_data(
     spoken_sets = []
     for split in SPLITS:
         candidates = [e for e in by_split[split] if speech_words[0] <= e.n_words <= speech_words[1]]
-        spoken_sets.append(_plan_speech(split, candidates, counts[split], voices[split], seed))
+        train_drawer = drawer if split == "train" else None
+        spoken_sets.append(_plan_speech(split, candidates, counts[split], voices[split], seed, train_drawer))
     # festival speaks all of a document's chunks in one process (FestivalVoice.synthesize_many), so it
     # costs about what espeak-ng does per document (~0.9 s for ~12 chunks) and stays among the voices
     for split in SPLITS:
-        spoken_sets.append(_plan_docs(split, documents[split], doc_counts[split], voices[split], seed))
+        train_drawer = drawer if split == "train" else None
+        spoken_sets.append(
+            _plan_docs(split, documents[split], doc_counts[split], voices[split], seed, train_drawer)
+        )
     mc_entries = [
         e for e in by_split["test"] if MC_CONTEXT_WORDS + MC_REST_WORDS <= e.n_words <= speech_words[1]
     ]
@@ -438,6 +513,11 @@ def prepare_demo_data(
     # every dev/test set above draws on these entries only
     if any(e.key in train_keys for e in by_split["dev"] + by_split["test"]):
         raise RuntimeError("dev/test text leaked into the training text")  # a bug: see split_of
+    # whatever pitch or rate it is spoken with, a held-out voice is never heard in training
+    heldout_bases = {base_spec(v) for v in heldout}
+    trained = {base_spec(it.voice) for s in spoken_sets if s.split == "train" for it in s.items}
+    if leaked := trained & heldout_bases:
+        raise RuntimeError(f"held-out voices drawn for training: {sorted(leaked)}")  # a bug: see varied_pools
 
     summary: dict = {
         "scale": scale,
@@ -453,6 +533,8 @@ def prepare_demo_data(
         "docs": {},
         "mc": {},
     }
+    if pools is not None:  # only then, so that a demo summary stays as it was
+        summary["voices"] = {"set": voice_set, "pools": pools, "heldout": voices["test"]}
     for spoken in spoken_sets:
         summary[spoken.folder][spoken.split] = _speak(out_dir, spoken, workers, progress, on_item)
 
@@ -475,6 +557,12 @@ def print_summary(summary: dict) -> None:
     for group in ("speech", "docs", "mc"):
         for split, s in summary[group].items():
             voices = ", ".join(f"{v} {n}" for v, n in s["voices"].items())
+            if len(s["voices"]) > 12:  # --voices varied: too many to list
+                engines: Counter[str] = Counter()
+                for voice, n in s["voices"].items():
+                    engines[voice.split(":", 1)[0]] += n
+                by_engine = ", ".join(f"{e} {n}" for e, n in engines.items())
+                voices = f"{len(s['voices'])} voices ({by_engine})"
             print(
                 f"{group}/{split}: {s['clips']} clips ({s['synthesized']} new in "
                 f"{s['synthesis_seconds']:.0f} s), {s['hours']:.2f} h; {voices}"
@@ -503,6 +591,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TTS voices of the training speech, ENGINE:VOICE (default: %(default)s)")
     parser.add_argument("--heldout-voices", nargs="+", default=list(HELDOUT_VOICES), metavar="SPEC",
                         help="TTS voices of dev/test speech, never heard in training (default: %(default)s)")
+    parser.add_argument("--voices", choices=VOICE_SETS, default="demo",
+                        help="training voices: demo deals out --train-voices in turn; varied draws each "
+                             "clip's voice, pitch and rate from every installed English voice but the "
+                             "held-out ones (default: %(default)s)")
     parser.add_argument("--fortunes-dir", type=Path, default=FORTUNES_DIR,
                         help="Debian fortunes folder (default: %(default)s)")
     parser.add_argument("--topics", nargs="+", help="fortune topic files to use (default: all)")
@@ -529,6 +621,7 @@ def run(args: argparse.Namespace) -> int:
         n_mc=args.n_mc,
         train_voices=args.train_voices,
         heldout_voices=args.heldout_voices,
+        voices=args.voices,
         fortunes_dir=args.fortunes_dir,
         topics=args.topics,
     )
