@@ -78,7 +78,7 @@ system-deps: $(VENV)/.system-deps
 # Registry packages read as data, never installed: Debian's Asterisk prompts (real speech) and the
 # broad-domain text (WordNet, GCIDE, gensim's test corpora), fetched once into .cache/debs (no root
 # needed) by the two prepare steps. Under CI=true a failure is an error, so their slow tests run there.
-$(VENV)/.data-packages: $(VENV)/.installed
+$(VENV)/.data-packages: $(VENV)/.installed $(VENV)/.system-deps
 	@if $(PY) -m stages prepare real-speech --out data/demo/real && $(PY) -m stages prepare broad-text --out data/demo/broad --no-progress; then \
 		touch $@; \
 	else \
