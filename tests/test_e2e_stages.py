@@ -169,8 +169,10 @@ def test_report_covers_every_stage_and_the_baselines(one_process_run, tiny_data)
         saved = json.loads((run / stage / "metrics.json").read_text())
         assert saved.pop("report")["baselines"] == report["baselines"]
         assert metrics == saved  # each stage's own numbers, unchanged
-    assert f"noise          WER                        {report['stages']['align']['initial/test/noise/wer']:.3f} -> " \
-           f"{report['stages']['align']['test/noise/wer']:.3f}" in proc.stdout
+    align = report["stages"]["align"]
+    assert (f"noise          WER                        {align['initial/test/noise/wer']:.3f} "
+            f"[{align['initial/test/noise/wer_low']:.3f}, {align['initial/test/noise/wer_high']:.3f}] -> "
+            f"{align['test/noise/wer']:.3f} [{align['test/noise/wer_low']:.3f}, {align['test/noise/wer_high']:.3f}]") in proc.stdout
     # The baselines (the frozen encoder and LLM of the stage configs) against a recount by hand.
     cfg = next(c for name, _, c in resolve_stage_configs(pipeline, [], str(run.parent)) if name == "align")
     ctc_wer, ceiling_wer, ceiling_hyps = baselines_by_hand(SpeechLLM.build(cfg.model).eval(), tiny_data / "speech/val.jsonl")
