@@ -106,6 +106,9 @@ from stages.prepare_demo_data import (
     split_for_continuation,
     text_key,
 )
+from stages.prepare_demo_data import (
+    Entry as Sentence,  # a text with its topic: the fortunes' unit, here one sentence
+)
 from stages.prepare_real_speech import RealSpeechError, licence_of, read_deb
 
 log = logging.getLogger(__name__)
@@ -139,20 +142,6 @@ DROP_REASONS = ("markup", "symbols", "unbalanced", "too_short", "too_long", "not
 
 class BroadTextError(RuntimeError):
     """A package this step needs and cannot have, or a broken invariant: the message says which."""
-
-
-@dataclass(frozen=True)
-class Sentence:
-    text: str
-    topic: str
-
-    @property
-    def key(self) -> str:
-        return text_key(self.text)
-
-    @property
-    def n_words(self) -> int:
-        return len(self.text.split())
 
 
 @dataclass(frozen=True)

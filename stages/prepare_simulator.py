@@ -326,7 +326,6 @@ def run(args: argparse.Namespace) -> int:
                                   checkpoint_every=args.checkpoint_every, writer=writer)
     train_seconds = time.perf_counter() - start
 
-    raw = {"condition": CALIBRATION_GRID, "achieved": CALIBRATION_GRID}
     sim.meta["calibration"] = calibrate(sim, calibration_ids, units, args.seed + 1)
     heldout = load_manifest(args.heldout, require_audio=False)[: args.heldout_limit]
     heldout_ids = [ids for ids in (encoder.vocab.encode(u.text) for u in heldout) if ids]
@@ -368,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
                                       for c in range(args.copies + 1)}},
         "pairs_seconds": round(pairs_seconds, 1), "train_seconds": round(train_seconds, 1),
         "parameters": sum(p.numel() for p in sim.parameters()), "history": history,
-        "calibration": sim.meta["calibration"], "uncalibrated": raw, "bins": bins, "figure": figure,
+        "calibration": sim.meta["calibration"], "bins": bins, "figure": figure,
     }
     with atomic_folder(out) as tmp:
         sim.save(tmp)
