@@ -37,7 +37,7 @@ def _items(manifest: str, limit: int):
 
 @torch.no_grad()
 def whisper_own_wer(pretrained: str, manifest: str, limit: int, batch_size: int = 8) -> float:
-    """WER of Whisper's own greedy encoder-decoder transcription (``speechllm.whisper_decoder``)."""
+    """WER of Whisper's own encoder-decoder transcription (``speechllm.whisper_decoder``)."""
     whisper = WhisperTranscriber(pretrained)
     items = _items(manifest, limit)
     hyps = []
@@ -100,8 +100,10 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
                 model = model or SpeechLLM.build(cfg.model).eval()
                 cached[key] = {"set": set_name, **baselines(model, manifest, limit)}
                 cache.write_text(json.dumps(cached, indent=1))
-            if "whisper_own_wer" not in cached[key] and has_whisper_decoder(cfg.model.encoder.pretrained):
+            decoding = json.dumps(WhisperTranscriber.decoding)
+            if cached[key].get("whisper_decoding") != decoding and has_whisper_decoder(cfg.model.encoder.pretrained):
                 cached[key]["whisper_own_wer"] = whisper_own_wer(cfg.model.encoder.pretrained, manifest, limit)
+                cached[key]["whisper_decoding"] = decoding
                 cache.write_text(json.dumps(cached, indent=1))
             report["baselines"][set_name] = cached[key]
     (run_root / "report.json").write_text(json.dumps(report, indent=1))
