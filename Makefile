@@ -26,7 +26,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festv
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps data-packages assets test test-fast stage1 stage2 stage3 stage4 demo demo-data ctc-head posterior-stats simulator report status tensorboard lint bench bench-gpu faults transcribe clean
+.PHONY: help setup system-deps data-packages assets test test-fast stage1 stage2 stage3 stage4 demo demo-data real-speech ctc-head posterior-stats simulator report status tensorboard lint bench bench-gpu faults transcribe clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -111,7 +111,12 @@ TIMED = @t0=$$(date +%s); $(1); rc=$$?; echo "[demo] $(2): $$(( $$(date +%s) - t
 demo-data: setup system-deps
 	$(call TIMED,$(PY) -m stages prepare demo-data $(DEMO_DATA) --scale $(SCALE),data preparation ($(SCALE)))
 
-ctc-head: demo-data assets
+# Real speech for the CTC head, stage 2 and every stage's report (one Asterisk speaker, both scales);
+# unlike data-packages, a failure here stops the demo, with what to fetch.
+real-speech: setup
+	$(call TIMED,$(PY) -m stages prepare real-speech --out data/demo/real --no-progress,real speech)
+
+ctc-head: demo-data real-speech assets
 	$(call TIMED,$(PY) -m stages prepare ctc-head --train $(DEMO_DATA)/speech/train.jsonl --eval $(DEMO_DATA)/speech/dev.jsonl --text $(DEMO_DATA)/text/train.jsonl --out $(CTC_HEAD),CTC head on Whisper tiny.en)
 
 # CPS noise matched to the head: its errors and real LSD vectors on training-voice speech.

@@ -209,8 +209,8 @@ def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: st
 
     ``copy`` 0: the clips as recorded. ``copy`` k >= 1: each clip augmented by ``augment_cfg`` (default:
     ``AugmentConfig(prob=1.0)``) with the seed :func:`augment_seed` (``seed``, its index, k), cached in a
-    file of its own keyed also by k, ``seed`` and the augmentation settings. A copy that speed
-    perturbation makes longer than Whisper's window gets 0 frames (:func:`ctc_targets` skips it).
+    file of its own keyed also by k, ``seed`` and the augmentation settings. A clip longer than Whisper's
+    window, as recorded or slowed down, gets 0 frames (:func:`ctc_targets` skips it, counted).
     """
     manifest, cache_dir = Path(manifest), Path(cache_dir)
     if copy < 0:
@@ -247,9 +247,9 @@ def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: st
             wave = load_audio(items[i].audio, SAMPLE_RATE)
             if copy:
                 wave = augment_seeded(wave, SAMPLE_RATE, augment_cfg, augment_seed(seed, i, copy))
-                if wave.shape[0] > max_samples:  # slowed down past 30 s
-                    states[i], too_long = torch.zeros(0, encoder.output_dim, dtype=torch.float16), too_long + 1
-                    continue
+            if wave.shape[0] > max_samples:  # recorded, or slowed down, past 30 s
+                states[i], too_long = torch.zeros(0, encoder.output_dim, dtype=torch.float16), too_long + 1
+                continue
             chunk.append(i)
             waves.append(wave)
         if not chunk:
@@ -258,8 +258,7 @@ def encode_manifest(manifest: str | Path, whisper_dir: str | Path, cache_dir: st
         for row, i in enumerate(chunk):
             states[i] = feats[row, : lengths[row]].half()
     if too_long:
-        log.warning("%s, copy %d: %d augmented clips longer than Whisper's window, not encoded", manifest, copy,
-                    too_long)
+        log.warning("%s, copy %d: %d clips longer than Whisper's window, not encoded", manifest, copy, too_long)
     log.info("encoded %d clips of %s%s in %.0f s", len(items), manifest, f" (copy {copy})" if copy else "",
              time.perf_counter() - start)
     features = Features([u.id for u in items], torch.cat(states), torch.tensor([s.shape[0] for s in states]))
@@ -284,7 +283,7 @@ def ctc_targets(vocab: CTCVocabulary, utterances: list[Utterance], lengths: torc
         ids = vocab.encode(utt.text)
         repeats = sum(a == b for a, b in zip(ids, ids[1:]))  # CTC needs a blank between repeated units
         if n_frames == 0:
-            skipped["too_long"] += 1  # an augmented copy past Whisper's window (encode_manifest)
+            skipped["too_long"] += 1  # past Whisper's window, as recorded or augmented (encode_manifest)
         elif _DIGIT.search(utt.text):
             skipped["digits"] += 1  # spoken as words the units cannot spell: a wrong target
         elif not ids:

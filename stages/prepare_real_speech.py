@@ -68,6 +68,7 @@ SAMPLE_RATE = 16000
 SPLITS = ("train", "dev", "test")
 DEV_FRACTION = TEST_FRACTION = 0.10
 MIN_SECONDS = 0.3
+MAX_SECONDS = 30.0  # Whisper's window: longer prompts (two, of 31 and 72 s) would not fit any stage
 # Trimming: 20 ms frames every 10 ms; speech is a frame within TRIM_BELOW_PEAK_DB of the loudest and
 # above TRIM_FLOOR_DB (dBFS); a clip whose loudest frame is under SILENCE_DB is silence. PAD_SECONDS of
 # the original audio is kept on each side of the speech (its onsets and releases).
@@ -77,11 +78,13 @@ SILENCE_DB = -50.0
 PAD_SECONDS = 0.05
 # Anything that changes the output: part of the fingerprint that makes a second run a no-op.
 SETTINGS = {
-    "format": 1, "sample_rate": SAMPLE_RATE, "min_seconds": MIN_SECONDS, "pad_seconds": PAD_SECONDS,
+    "format": 1, "sample_rate": SAMPLE_RATE, "min_seconds": MIN_SECONDS, "max_seconds": MAX_SECONDS,
+    "pad_seconds": PAD_SECONDS,
     "trim_below_peak_db": TRIM_BELOW_PEAK_DB, "trim_floor_db": TRIM_FLOOR_DB, "silence_db": SILENCE_DB,
     "dev_fraction": DEV_FRACTION, "test_fraction": TEST_FRACTION,
 }
-SKIP_REASONS = ("non_speech", "silence", "no_words", "missing_audio", "undecodable", "too_short", "no_transcript")
+SKIP_REASONS = ("non_speech", "silence", "no_words", "missing_audio", "undecodable", "too_short", "too_long",
+                "no_transcript")
 
 
 class RealSpeechError(RuntimeError):
@@ -465,6 +468,8 @@ def prepare_real_speech(out: str | Path, debs_dir: str | Path = ".cache/debs", p
                 reason = "silence"
             elif len(wav) / SAMPLE_RATE < MIN_SECONDS:
                 reason = "too_short"
+            elif len(wav) / SAMPLE_RATE > MAX_SECONDS:
+                reason = "too_long"
         if reason is not None:
             skipped[reason].append(prompt)
             continue

@@ -73,7 +73,9 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         print(f"[runner] resuming {stage_dir.root} from {resume}", flush=True)
     if resume is None and cfg.trainer.evaluate_before_training and (cfg.data.test or has_validation(cfg)):
         # The starting point's WER (e.g. the untrained projector), logged at step 0 and kept.
-        initial = evaluate(trainer, module, datamodule, cfg)
+        # The held-out measures (M, F, multiple choice) run in the validation loop: a stage with them
+        # measures its starting point there too, not only on the test sets.
+        initial = evaluate(trainer, module, datamodule, cfg, both=bool(cfg.measures.sets or cfg.measures.multiple_choice))
         if trainer.is_global_zero:
             atomic_write(stage_dir.initial_metrics, json.dumps(initial, indent=1))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)

@@ -300,3 +300,17 @@ def test_an_augmented_copy_past_whispers_window_is_skipped(data, whisper_dir, tm
     vocab = CTCVocabulary([prep.BLANK, *prep.CHARS], blank_id=0)
     keep, _, skipped = prep.ctc_targets(vocab, load_manifest(data["train"]), copy.lengths)
     assert keep == [1, 2, 3] and skipped == {"too_long": 1, "digits": 1, "too_short": 1}
+
+
+def test_a_recording_past_whispers_window_is_skipped_not_fatal(data, whisper_dir, tmp_path):
+    """A real-speech prompt can be longer than 30 s as recorded: it gets no frames, like a slowed copy."""
+
+    rows = [json.loads(line) for line in Path(data["train"]).read_text().splitlines()]
+    for row in rows:
+        row["audio"] = str((Path(data["train"]).parent / row["audio"]).resolve())
+    sf.write(tmp_path / "long.wav", np.zeros(31 * 16000, dtype=np.float32), 16000)
+    rows.append({"id": "long", "audio": str(tmp_path / "long.wav"), "text": "a long message", "duration": 31.0})
+    manifest = tmp_path / "with-long.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clean = prep.encode_manifest(manifest, whisper_dir, tmp_path / "cache")
+    assert clean.lengths[-1] == 0 and (clean.lengths[:-1] > 0).all()

@@ -113,6 +113,7 @@ def build_fake_debs(folder: Path) -> dict:
         "silence/1": ("(1 second of silence)", encode(np.zeros(RATE)), "silence"),
         "vm-quiet": ("You are very quiet.", encode(np.zeros(RATE)), "silence"),
         "hi": ("Hi.", encode(voice(0.1)), "too_short"),
+        "vm-long-message": ("A message longer than Whisper can hear.", encode(voice(30.5)), "too_long"),
         "dir-multi2": ("... ...", encode(voice(0.8)), "no_words"),
         "pls-try-call-later": ("Please try your call again later.", None, "missing_audio"),
         "broken": ("This one is broken.", b"", "undecodable"),
