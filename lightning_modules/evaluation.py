@@ -1,5 +1,6 @@
 """Validation and test for every stage: each evaluation set is one dataloader, and what it measures
-is named by the data module's index: ``wer`` (transcribe, corpus WER with S/D/I), ``measure``
+is named by the data module's index: ``wer`` (transcribe, corpus WER with S/D/I; with joint CTC/LLM
+decoding also ``ctc_chosen``, the share of clips where the CTC head's own transcript won), ``measure``
 (misalignment M and forgetting F, :mod:`speechllm.measures`) or ``mc`` (multiple-choice accuracy on
 text and on speech, and the gap).
 
@@ -50,9 +51,12 @@ def summarise(kind: str, rows: list[dict[str, Any]], normalizer: str = "whisper"
     if kind == "wer":
         total, per_utt = corpus_errors([r["ref"] for r in rows], [r["hyp"] for r in rows], normalizer)
         errors = [u.substitutions + u.deletions + u.insertions for u in per_utt]
-        return {**_with_interval("wer", total.wer, errors, [u.ref_words for u in per_utt]),
-                "substitutions": total.substitutions, "deletions": total.deletions,
-                "insertions": total.insertions, "ref_words": total.ref_words}
+        out = {**_with_interval("wer", total.wer, errors, [u.ref_words for u in per_utt]),
+               "substitutions": total.substitutions, "deletions": total.deletions,
+               "insertions": total.insertions, "ref_words": total.ref_words}
+        if rows and "source" in rows[0]:  # joint CTC/LLM decoding: the share the head's own reading won
+            out["ctc_chosen"] = sum(r["source"] == "ctc" for r in rows) / len(rows)
+        return out
     if kind == "measure":
         out = {}
         for name, key in (("M", "m"), ("F", "f")):
@@ -92,8 +96,10 @@ class EvaluationMixin(L.LightningModule):
         kind, _ = self.trainer.datamodule.eval_index(split)[dataloader_idx]
         distill = self.cfg.distill
         if kind == "wer":
-            hyps = self.model.transcribe(batch["waveform"])
-            rows = [{"ref": r, "hyp": h} for r, h in zip(batch["target"], hyps)]
+            hyps = self.model.transcribe_with_sources(batch["waveform"])
+            joint = self.model.cfg.generation.ctc_weight > 0  # then: whose candidate won, per clip
+            rows = [{"ref": r, "hyp": h, **({"source": source} if joint else {})}
+                    for r, (h, source) in zip(batch["target"], hyps)]
         elif kind == "measure":
             # Seeded by the item's index in its set: every evaluation plans the same spans.
             views = speech_and_text_views(

@@ -211,6 +211,14 @@ class GenerationConfig:
         "never much longer than its label-rate input, and a looping model stops early")
     repetition_penalty: float = setting(1.0, "transformers' repetition penalty (1 = off)")
     no_repeat_ngram_size: int = setting(0, "repetition guard: no n-gram twice (0 = off)")
+    ctc_weight: float = setting(
+        0.0, "joint CTC/LLM decoding (CTC encoders; speechllm.joint_decoding): the LLM's num_beams best "
+        "transcripts and the CTC head's greedy one, scored (1 - w) log p_LLM + w log p_CTC of the frames; "
+        "0 = the LLM's best alone")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"generation.ctc_weight must be in [0, 1], got {self.ctc_weight}")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from speechllm.config import GenerationConfig, ModelConfig, PromptConfig, check_
 from speechllm.encoders import build_encoder, encoder_kind, kinds_with
 from speechllm.encoders.base import SpeechEncoder
 from speechllm.io import atomic_write
+from speechllm.joint_decoding import joint_best
 from speechllm.llm import build_llm
 from speechllm.losses import lm_loss
 from speechllm.model_card import project_version, read_stage_files, render_model_card
@@ -364,8 +365,10 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def generate_rows(self, rows: list[list[int]], speech: torch.Tensor | None = None,
-                      gen: GenerationConfig | None = None, speech_lengths: torch.Tensor | None = None) -> list[str]:
-        """Continue each row (left-padded, batched: equal to one by one) and decode the new tokens."""
+                      gen: GenerationConfig | None = None, speech_lengths: torch.Tensor | None = None,
+                      n_best: int = 1) -> list[str]:
+        """Continue each row (left-padded, batched: equal to one by one) and decode the new tokens; with
+        ``n_best`` > 1, the ``n_best`` best beams of each row, row after row."""
         gen = gen or self.cfg.generation
         max_new = gen.max_new_tokens
         if gen.max_new_tokens_per_speech_vector > 0 and speech_lengths is not None:
@@ -373,11 +376,44 @@ class SpeechLLM(nn.Module):
         inputs = self.splice(rows, speech=speech)
         inputs.pop("position_ids")  # generate() derives them from the attention mask, step by step
         out = self.llm.generate(
-            **inputs, max_new_tokens=max_new, num_beams=gen.num_beams, do_sample=False,
+            **inputs, max_new_tokens=max_new, num_beams=max(gen.num_beams, n_best), num_return_sequences=n_best,
+            do_sample=False,
             repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
             eos_token_id=self.eos_id, pad_token_id=self.pad_id,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def transcript_log_probs(self, speech: torch.Tensor, speech_lengths: torch.Tensor, texts: list[str]) -> list[float]:
+        """log p_LLM(text + EOS | prompt, speech) of each row's text, for (B, T, d) projected speech."""
+        targets = self.target_ids(texts)
+        rows, labels = self.instruction_rows(speech_lengths.tolist(), targets)
+        hidden, tokens = self.labelled_hidden(rows, labels, self.flatten(speech, speech_lengths))
+        token_lp = self.lm_head(hidden).float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        return [float(part.sum()) for part in token_lp.split([len(t) for t in targets])]
+
+    @torch.no_grad()
+    def joint_generate(self, probs: torch.Tensor, frames: torch.Tensor, gen: GenerationConfig
+                       ) -> list[tuple[str, str]]:
+        """Joint CTC/LLM decoding (:mod:`speechllm.joint_decoding`) from (B, T, V) frame posteriors:
+        ``(transcript, "llm" or "ctc")`` per clip, the second saying whose candidate won."""
+        feats, lengths = self.encoder.compress(probs, frames)
+        speech, speech_lengths = self.project(feats, lengths)
+        speech_lengths, _ = self.fit_to_context(speech_lengths, None)
+        n = max(gen.num_beams, 1)
+        proposals = self.generate_rows(self.instruction_rows(speech_lengths.tolist())[0],
+                                       self.flatten(speech, speech_lengths), gen, speech_lengths, n_best=n)
+        greedy = self.encoder.greedy_from_posteriors(probs, frames)
+        out = []
+        for i in range(len(probs)):
+            # The head's own reading first: on a tie, it wins.
+            candidates = list(dict.fromkeys([greedy[i], *proposals[i * n:(i + 1) * n]]))
+            one = speech[i:i + 1, : speech_lengths[i]].expand(len(candidates), -1, -1)
+            llm = self.transcript_log_probs(one, speech_lengths[i:i + 1].expand(len(candidates)), candidates)
+            ctc = self.encoder.ctc_log_likelihoods(probs[i], int(frames[i]), candidates)
+            best = joint_best(llm, ctc, gen.ctc_weight)
+            out.append((candidates[best], "ctc" if best == 0 else "llm"))
+        return out
 
     @torch.no_grad()
     def generate_from_text(self, texts: list[str], gen: GenerationConfig | None = None) -> list[str]:
@@ -393,7 +429,15 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def transcribe(self, audio: AudioInput | list[AudioInput], gen: GenerationConfig | None = None, *,
                    sample_rate: int | None = None, batch_size: int | None = None) -> list[str]:
-        """One transcript per clip, in order.
+        """One transcript per clip, in order (:meth:`transcribe_with_sources` without the sources)."""
+        return [text for text, _ in self.transcribe_with_sources(audio, gen, sample_rate=sample_rate,
+                                                                 batch_size=batch_size)]
+
+    @torch.no_grad()
+    def transcribe_with_sources(self, audio: AudioInput | list[AudioInput], gen: GenerationConfig | None = None, *,
+                                sample_rate: int | None = None, batch_size: int | None = None) -> list[tuple[str, str]]:
+        """``(transcript, source)`` per clip, in order; the source is ``llm``, or ``ctc`` where joint
+        decoding (``generation.ctc_weight`` > 0) chose the CTC head's own greedy transcript.
 
         ``audio``: a file path, a numpy array or a torch tensor, or a list of them. Files are read at
         their own rate; arrays are at ``sample_rate`` (default: the encoder's). Channels are averaged
@@ -402,6 +446,10 @@ class SpeechLLM(nn.Module):
         batch, as validation passes its batches; batched equals one by one), in eval mode (the mode is
         restored after).
         """
+        gen = gen or self.cfg.generation
+        if gen.ctc_weight > 0 and not hasattr(self.encoder, "ctc_log_likelihoods"):
+            raise ValueError(f"generation.ctc_weight {gen.ctc_weight} needs a CTC encoder (encoder.kind: ctc), "
+                             f"not {self.cfg.encoder.kind!r}")
         items = audio if isinstance(audio, (list, tuple)) else [audio]
         for item in items:
             if isinstance(item, (str, Path)):
@@ -409,12 +457,14 @@ class SpeechLLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out: list[str] = []
+            out: list[tuple[str, str]] = []
             size = max(1, batch_size or len(items))
             for start in range(0, len(items), size):
                 waves = prepare_waveforms(list(items[start:start + size]), self.cfg.encoder.sample_rate, sample_rate)
-                feats, lengths = self.encoder.encode_speech(waves)
-                out += self.generate(feats, lengths, gen)
+                if gen.ctc_weight > 0:
+                    out += self.joint_generate(*self.encoder.posteriors(waves), gen)
+                else:
+                    out += [(text, "llm") for text in self.generate(*self.encoder.encode_speech(waves), gen)]
             return out
         finally:
             if was_training:

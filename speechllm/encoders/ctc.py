@@ -21,6 +21,7 @@ from torch import nn
 from speechllm.config import CPSConfig, EncoderConfig, plain
 from speechllm.cps import simulate_ctc_posteriors
 from speechllm.encoders.base import SpeechEncoder, UnifiedEncoder, pad_sequences
+from speechllm.joint_decoding import ctc_log_likelihood
 from speechllm.lsd import label_synchronous_compress
 from speechllm.posterior_stats import PosteriorStats, simulate_matched_posteriors
 from speechllm.simulator import PosteriorSimulator
@@ -204,7 +205,11 @@ class CTCPosteriorEncoder(UnifiedEncoder):
 
     @torch.no_grad()
     def encode_speech(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, lengths = self.posteriors(waveforms)
+        return self.compress(*self.posteriors(waveforms))
+
+    @torch.no_grad()
+    def compress(self, probs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame posteriors -> what the projector reads: LSD vectors (or the frames, without LSD)."""
         if not self.use_lsd:
             return probs, lengths
         lengths = lengths.to(probs.device)
@@ -237,9 +242,16 @@ class CTCPosteriorEncoder(UnifiedEncoder):
     @torch.no_grad()
     def greedy_transcribe(self, waveforms: list[torch.Tensor]) -> list[str]:
         """Greedy CTC decoding of the encoder alone (the baseline the LLM has to beat)."""
-        probs, lengths = self.posteriors(waveforms)
+        return self.greedy_from_posteriors(*self.posteriors(waveforms))
+
+    def greedy_from_posteriors(self, probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         best = probs.argmax(-1)
-        return [self.vocab.greedy_decode(best[i, : lengths[i]].tolist()) for i in range(len(waveforms))]
+        return [self.vocab.greedy_decode(best[i, : lengths[i]].tolist()) for i in range(len(probs))]
+
+    def ctc_log_likelihoods(self, probs: torch.Tensor, length: int, texts: list[str]) -> list[float]:
+        """log p_CTC(text | one clip's frames) of each text, in the encoder's units."""
+        log_probs = probs[:length].float().clamp_min(1e-12).log()
+        return [ctc_log_likelihood(log_probs, self.vocab.encode(t), self.blank_id) for t in texts]
 
 
 def _learned(encoder: CTCPosteriorEncoder, ids: torch.Tensor, cps: CPSConfig, g) -> torch.Tensor:
