@@ -105,7 +105,7 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
                 cached[key]["whisper_own_wer"] = whisper_own_wer(cfg.model.encoder.pretrained, manifest, limit)
                 cached[key]["whisper_decoding"] = decoding
                 cache.write_text(json.dumps(cached, indent=1))
-            report["baselines"][set_name] = cached[key]
+            report["baselines"][set_name] = {**cached[key], "manifest": manifest}
     (run_root / "report.json").write_text(json.dumps(report, indent=1))
     for _, stage_dir, _ in stages:
         if stage_dir.metrics.is_file():
@@ -143,13 +143,14 @@ BOUNDS = ("", "_low", "_high")  # a metric's key suffixes: its value and its int
 
 
 SHOWN = {"wer": "WER", "M": "M", "F": "F", "acc_speech": "acc speech", "acc_text": "acc text",
-         "acc_text_original": "acc text (original LLM)", "gap": "gap (text orig. - speech)"}
+         "acc_text_original": "acc text (original LLM)", "gap": "gap (text orig. - speech)",
+         "ctc_chosen": "head's own transcript won"}  # (joint CTC/LLM decoding)
 
 
 def format_report(report: dict) -> str:
     lines = [f"== report: {report['pipeline']} (scale {report['scale'] or 'default'}) =="]
     for set_name, base in report["baselines"].items():
-        lines.append(f"[{set_name}] {base['utterances']} utterances (held-out voices)")
+        lines.append(f"[{set_name}] {base['utterances']} utterances ({base.get('manifest', 'held-out voices')})")
         if "whisper_own_wer" in base:
             lines.append(f"  Whisper alone, its own decoder       WER {base['whisper_own_wer']:.3f}")
         if "ctc_greedy_wer" in base:
