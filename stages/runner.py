@@ -44,16 +44,25 @@ def has_validation(cfg: StageConfig) -> bool:
     return bool(cfg.data.val or cfg.measures.sets or cfg.measures.multiple_choice)
 
 
-def evaluate(trainer: L.Trainer, module, datamodule, cfg: StageConfig, both: bool = False) -> dict[str, float]:
-    """WER on the test sets (and the validation sets if ``both``, or if there are no test sets)."""
+def evaluate(trainer: L.Trainer, module, datamodule, cfg: StageConfig, *, validation: bool = True,
+             test: bool = True) -> dict[str, float]:
+    """The validation sets (WER, held-out measures) and the test sets (WER), those asked for that exist."""
     out: dict[str, float] = {}
-    if has_validation(cfg) and (both or not cfg.data.test):
+    if validation and has_validation(cfg):
         for per_loader in trainer.validate(module, datamodule=datamodule, verbose=False):
             out.update(per_loader)
-    if cfg.data.test:
+    if test and cfg.data.test:
         for per_loader in trainer.test(module, datamodule=datamodule, verbose=False):
             out.update(per_loader)
     return {k: float(v) for k, v in out.items()}
+
+
+def evaluate_starting_point(trainer: L.Trainer, module, datamodule, cfg: StageConfig) -> dict[str, float]:
+    """Before training: the test sets (e.g. the untrained projector's WER), or, in a stage with held-out
+    measures (M, F, multiple choice), those alone: such a stage starts from an earlier stage's export,
+    whose test WER that stage already reported."""
+    measures = bool(cfg.measures.sets or cfg.measures.multiple_choice)
+    return evaluate(trainer, module, datamodule, cfg, validation=measures or not cfg.data.test, test=not measures)
 
 
 def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
@@ -73,14 +82,12 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
         print(f"[runner] resuming {stage_dir.root} from {resume}", flush=True)
     if resume is None and cfg.trainer.evaluate_before_training and (cfg.data.test or has_validation(cfg)):
         # The starting point's WER (e.g. the untrained projector), logged at step 0 and kept.
-        # The held-out measures (M, F, multiple choice) run in the validation loop: a stage with them
-        # measures its starting point there too, not only on the test sets.
-        initial = evaluate(trainer, module, datamodule, cfg, both=bool(cfg.measures.sets or cfg.measures.multiple_choice))
+        initial = evaluate_starting_point(trainer, module, datamodule, cfg)
         if trainer.is_global_zero:
             atomic_write(stage_dir.initial_metrics, json.dumps(initial, indent=1))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     train_loss = trainer.callback_metrics.get("train/loss")
-    final = evaluate(trainer, module, datamodule, cfg, both=True)
+    final = evaluate(trainer, module, datamodule, cfg)
 
     initial = json.loads(stage_dir.initial_metrics.read_text()) if stage_dir.initial_metrics.is_file() else {}
     metrics = {
