@@ -105,3 +105,17 @@ def test_joint_decoding_picks_the_best_scored_candidate(model, weight):
         assert scores[candidates.index(text)] == pytest.approx(max(scores))
     assert [t for t, _ in joint] == [m.transcribe_with_sources([c], GenerationConfig(max_new_tokens=8, ctc_weight=weight))[0][0]
                                      for c in clips]  # batched equals one by one
+
+
+def test_all_blank_frames_keep_each_clip_its_least_blank_frame(model):
+    """Silence leaves LSD nothing; compress (shared by encode_speech and joint decoding) keeps one frame."""
+    probs = torch.zeros(2, 6, m_units := model.encoder.output_dim)
+    probs[..., model.encoder.blank_id] = 1.0
+    probs[1, 3] = 1.0 / m_units  # clip 1's least-blank frame
+    threshold, model.encoder.blank_threshold = model.encoder.blank_threshold, 0.5  # (tiny.yaml keeps all)
+    try:
+        feats, lengths = model.encoder.compress(probs, torch.tensor([6, 6]))
+    finally:
+        model.encoder.blank_threshold = threshold
+    assert lengths.tolist() == [1, 1]
+    torch.testing.assert_close(feats[1, 0], probs[1, 3])

@@ -219,7 +219,7 @@ class CTCPosteriorEncoder(UnifiedEncoder):
             # Silence (every frame blank) would leave the LLM no speech at all, and a batch of it no
             # gradient: such a clip keeps its least-blank frame.
             if feats.shape[1] == 0:
-                feats = probs.new_zeros(len(waveforms), 1, probs.shape[-1])
+                feats = probs.new_zeros(probs.shape[0], 1, probs.shape[-1])
             for i in empty:
                 blank = probs[i, : max(int(lengths[i]), 1), self.blank_id].nan_to_num(nan=2.0)
                 feats[i, 0] = probs[i, int(blank.argmin())]
