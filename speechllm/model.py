@@ -404,15 +404,16 @@ class SpeechLLM(nn.Module):
         proposals = self.generate_rows(self.instruction_rows(speech_lengths.tolist())[0],
                                        self.flatten(speech, speech_lengths), gen, speech_lengths, n_best=n)
         greedy = self.encoder.greedy_from_posteriors(probs, frames)
+        # The head's own reading first in each clip's list: on a tie, it wins.
+        candidates = [list(dict.fromkeys([greedy[i], *proposals[i * n:(i + 1) * n]])) for i in range(len(probs))]
+        clip = torch.tensor([i for i, c in enumerate(candidates) for _ in c], device=speech.device)
+        flat = [text for c in candidates for text in c]
+        llm = iter(self.transcript_log_probs(speech[clip], speech_lengths[clip], flat))  # one LLM pass for all
         out = []
-        for i in range(len(probs)):
-            # The head's own reading first: on a tie, it wins.
-            candidates = list(dict.fromkeys([greedy[i], *proposals[i * n:(i + 1) * n]]))
-            one = speech[i:i + 1, : speech_lengths[i]].expand(len(candidates), -1, -1)
-            llm = self.transcript_log_probs(one, speech_lengths[i:i + 1].expand(len(candidates)), candidates)
-            ctc = self.encoder.ctc_log_likelihoods(probs[i], int(frames[i]), candidates)
-            best = joint_best(llm, ctc, gen.ctc_weight)
-            out.append((candidates[best], "ctc" if best == 0 else "llm"))
+        for i, texts in enumerate(candidates):
+            ctc = self.encoder.ctc_log_likelihoods(probs[i], int(frames[i]), texts)
+            best = joint_best([next(llm) for _ in texts], ctc, gen.ctc_weight)
+            out.append((texts[best], "ctc" if best == 0 else "llm"))
         return out
 
     @torch.no_grad()
