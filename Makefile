@@ -32,7 +32,7 @@ SYSTEM_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festv
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup system-deps data-packages assets test test-fast stage1 stage2 stage3 stage4 demo demo-data real-speech ctc-head posterior-stats simulator report status tensorboard lint bench bench-gpu faults transcribe clean
+.PHONY: help setup system-deps data-packages assets test test-fast stage1 stage2 stage3 stage4 demo demo-data real-speech broad-text ctc-head posterior-stats simulator report status tensorboard lint bench bench-gpu faults transcribe clean
 
 help:
 	@echo "make setup        create $(VENV) and install the project (+ dev tools)"
@@ -122,6 +122,15 @@ demo-data: setup system-deps
 real-speech: setup
 	$(call TIMED,$(PY) -m stages prepare real-speech --out $(REAL_SPEECH) --no-progress,real speech)
 
+# Stages 3-4's broad side (SALAD's layout): broad-domain documents with their spoken held-out sets, and
+# the pool of the text share and of selection: the fortunes pool mixed with them, no held-out sentence in it.
+BROAD := $(DEMO_DATA)/broad
+broad-text: demo-data data-packages
+	$(call TIMED,$(PY) -m stages prepare broad-text --out $(BROAD) --scale $(SCALE) --no-progress && \
+	  $(PY) -m stages prepare mixture --out $(DEMO_DATA)/mixture/pool.jsonl \
+	    fortunes=$(DEMO_DATA)/docs/pool.jsonl broad=$(BROAD)/docs/pool.jsonl \
+	    $(foreach f,docs/dev docs/test mc/test broad/docs/dev broad/docs/test,--heldout $(DEMO_DATA)/$(f).jsonl),broad text and the mixed pool)
+
 ctc-head: demo-data real-speech assets
 	$(call TIMED,$(PY) -m stages prepare ctc-head --train $(DEMO_DATA)/speech/train.jsonl --extra-train $(REAL_SPEECH)/train.jsonl --eval $(DEMO_DATA)/speech/dev.jsonl --text $(DEMO_DATA)/text/train.jsonl --out $(CTC_HEAD),CTC head on Whisper tiny.en)
 
@@ -134,7 +143,7 @@ posterior-stats: ctc-head
 simulator: ctc-head
 	$(call TIMED,$(PY) -m stages prepare simulator --pipeline $(PIPELINE) --scale $(SCALE) --manifest $(DEMO_DATA)/speech/train.jsonl --manifest $(REAL_SPEECH)/train.jsonl --heldout $(DEMO_DATA)/speech/test.jsonl,posterior simulator)
 
-demo: posterior-stats simulator
+demo: posterior-stats simulator broad-text
 	$(call TIMED,$(PY) -m stages run $(PIPELINE) $(RUN_ARGS),pipeline stages)
 	$(call TIMED,$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR),report)
 
@@ -142,7 +151,7 @@ report: setup
 	$(PY) -m stages report $(PIPELINE) --scale $(SCALE) --run-dir $(RUN_DIR)
 
 # The demo pipeline needs its data and CTC head first; other pipelines bring their own data.
-STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),posterior-stats simulator,setup)
+STAGE_DEPS := $(if $(findstring pipeline/demo,$(PIPELINE)),posterior-stats simulator broad-text,setup)
 
 stage1: $(STAGE_DEPS)
 	$(PY) -m stages run $(PIPELINE) --only align $(RUN_ARGS)

@@ -8,16 +8,23 @@ Each rank evaluates its share; per-item results are gathered on every rank and d
 (the distributed sampler pads with repeats), so the numbers equal a single-process evaluation.
 Next to each measure, ``<metric>_low``/``<metric>_high``: its 95 % percentile bootstrap interval over
 the set's items (:mod:`speechllm.intervals`, seeded, so every rank computes the same bounds).
+
+With a stage directory, rank zero also keeps every evaluation's per-item rows (:func:`eval_rows_path`:
+``eval/<split>/<set>/step-<N>.jsonl``), for analyses the summaries cannot give: M of a subset of
+documents (the clusters selection targeted), a set's M at each validation along training.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
 from speechllm.distributed import all_gather_objects
+from speechllm.io import atomic_write
 from speechllm.intervals import bootstrap_interval
 from speechllm.measures import misalignment_forgetting, multiple_choice
 from speechllm.metrics import corpus_errors
@@ -28,6 +35,20 @@ def gather_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every rank's rows, once per item id, in id order."""
     rows = [r for part in all_gather_objects(rows) for r in part]
     return sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"])
+
+
+def eval_rows_path(stage_dir: str | Path, split: str, name: str, step: int) -> Path:
+    """Where an evaluation's per-item rows are kept: one JSON object a line, in id order."""
+    return Path(stage_dir) / "eval" / split / name / f"step-{step}.jsonl"
+
+
+def read_eval_rows(stage_dir: str | Path, split: str, name: str) -> dict[int, list[dict[str, Any]]]:
+    """Step -> that evaluation's rows, for every kept evaluation of one set (empty where none)."""
+    folder = Path(stage_dir) / "eval" / split / name
+    out = {}
+    for path in folder.glob("step-*.jsonl") if folder.is_dir() else ():
+        out[int(path.stem.removeprefix("step-"))] = [json.loads(line) for line in path.read_text().splitlines()]
+    return dict(sorted(out.items()))
 
 
 # The bootstrap behind every ``<metric>_low``/``<metric>_high``: items resampled with replacement.
@@ -131,6 +152,10 @@ class EvaluationMixin(L.LightningModule):
                 self.log(f"{split}/{name}/{key}", float(value), add_dataloader_idx=False, sync_dist=False)
             if kind == "wer" and self.global_rank == 0 and rows:
                 self.log_text_samples(f"{split}/{name}", rows)
+            stage_dir = getattr(self, "stage_dir", None)
+            if stage_dir is not None and self.global_rank == 0 and rows:
+                atomic_write(eval_rows_path(stage_dir, split, name, self.global_step),
+                             "".join(json.dumps(r) + "\n" for r in rows))
 
     def log_text_samples(self, name: str, rows: list[dict[str, Any]]) -> None:
         experiment = getattr(self.logger, "experiment", None)

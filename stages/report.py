@@ -20,8 +20,11 @@ from speechllm.encoders import encoder_kind
 from speechllm.manifest import load_audio, load_manifest, normalize_target
 from speechllm.metrics import corpus_errors
 from speechllm.model import SpeechLLM
+from lightning_modules.evaluation import read_eval_rows, summarise
 from speechllm.whisper_decoder import WhisperTranscriber, has_whisper_decoder
 from stages.runner import resolve_stage_configs
+
+MEASURE_KEYS = ("M", "M_low", "M_high", "F", "F_low", "F_high")
 
 
 def _batches(items, size):
@@ -88,6 +91,8 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
         selection = stage_dir.root / "selection" / "report.json"
         if selection.is_file():
             report.setdefault("selection", {})[name] = json.loads(selection.read_text())
+        if along := measures_along_training(stage_dir.root, cfg):
+            report.setdefault("along_training", {})[name] = along
         model = None
         sets, limit = (cfg.data.test, cfg.data.test_max_samples) if cfg.data.test else (cfg.data.val, cfg.data.val_max_samples)
         for set_name, manifest in sets.items():
@@ -106,6 +111,8 @@ def build_report(pipeline: str, run_dir: str | None = None, scale: str | None = 
                 cached[key]["whisper_decoding"] = decoding
                 cache.write_text(json.dumps(cached, indent=1))
             report["baselines"][set_name] = {**cached[key], "manifest": manifest}
+    if targeted := targeted_heldout(stages, report.get("selection", {})):
+        report["targeted_heldout"] = targeted
     (run_root / "report.json").write_text(json.dumps(report, indent=1))
     for _, stage_dir, _ in stages:
         if stage_dir.metrics.is_file():
@@ -185,15 +192,18 @@ def format_report(report: dict) -> str:
                      f"{sel.get('synthesised_seconds', 0):.0f} s synthesised; clusters by M:")
         for c in top:
             topics = ", ".join(f"{t['topic']} {t['share']:.0%}" for t in c["topics"])
+            sources = ", ".join(f"{t['source']} {t['share']:.0%}" for t in c.get("sources", []) if t["source"])
             after = f" -> {c['M_after']:.4f} after" if "M_after" in c else ""
             lines.append(f"   cluster {c['cluster']:>3}  M {c['M']:.4f}{after}  P_web {c['p_web']:.3f}  P_target {c['p_target']:.3f}"
-                         f"  selected {c['selected']:>3}  [{topics}]")
+                         f"  selected {c['selected']:>3}  [{topics}]" + (f" [{sources}]" if sources else ""))
         for group, label in (("targeted", "targeted"), ("others", "other")):
             g = sel.get("M_after_summary", {}).get(group)
             if g and g["clusters"]:
                 lines.append(f"   mean M of {label} clusters ({g['clusters']}): {g['M']:.4f} -> {g['M_after']:.4f} "
                              f"after training ({g['change']:+.4f})")
         lines.append("   selected topics: " + ", ".join(f"{t} {n}" for t, n in list(sel["selected_topics"].items())[:8]))
+        if any(sel.get("selected_sources", {})):
+            lines.append("   selected sources: " + ", ".join(f"{t} {n}" for t, n in sel["selected_sources"].items()))
     return "\n".join(lines)
 
 
@@ -214,6 +224,90 @@ def _final(report: dict, stage: str, metric: str) -> str:
     return _fmt_interval(*(m.get(key + b) for b in BOUNDS)) if key else _fmt(None)
 
 
+def _measured(rows: list[dict]) -> dict[str, float]:
+    return {k: v for k, v in summarise("measure", rows).items() if k in MEASURE_KEYS} if rows else {}
+
+
+def measures_along_training(stage_root: Path, cfg) -> dict[str, list[dict]]:
+    """Set -> M and F (with intervals) at every kept validation of the stage's held-out documents
+    (``eval/val/<set>/step-<N>.jsonl``): before training, along it, after it."""
+    out = {}
+    for set_name in cfg.measures.sets:
+        steps = read_eval_rows(stage_root, "val", set_name)
+        if steps:
+            out[set_name] = [{"step": step, "documents": len(rows), **_measured(rows)} for step, rows in steps.items()]
+    return out
+
+
+def _final_rows(stage_root: Path, set_name: str) -> list[dict]:
+    """A set's rows at the stage's last kept validation (its final model)."""
+    steps = read_eval_rows(stage_root, "val", set_name)
+    return steps[max(steps)] if steps else []
+
+
+def targeted_heldout(stages: list, selections: dict[str, dict]) -> dict:
+    """For each selection stage S and each selection T that ran (T = S, and the other runs on the same
+    clusters, so uniform selection is read on the clusters active selection aimed at): held-out M and F
+    over the documents nearest T's targeted clusters, and over the others, before stage S (its
+    ``init_from`` stage's final validation) and after it. Needs S's ``selection/heldout_clusters.json``."""
+    roots = {name: (stage_dir.root, cfg) for name, stage_dir, cfg in stages}
+    out: dict = {}
+    for name, sel in selections.items():
+        root, cfg = roots[name]
+        clusters_file = root / "selection" / "heldout_clusters.json"
+        if not clusters_file.is_file() or not cfg.init_from:
+            continue
+        nearest = json.loads(clusters_file.read_text())["sets"]
+        before_root = Path(cfg.init_from).parent
+        for aim, aim_sel in selections.items():
+            if aim_sel.get("clusters_k") != sel.get("clusters_k"):
+                continue
+            targeted = {c["cluster"] for c in aim_sel["clusters"] if c.get("targeted")}
+            for set_name, doc_cluster in nearest.items():
+                before, after = _final_rows(before_root, set_name), _final_rows(root, set_name)
+                if not after:
+                    continue
+                row = {}
+                for group, wanted in (("targeted", True), ("others", False)):
+                    ids = {d for d, c in doc_cluster.items() if (c in targeted) == wanted}
+                    row[group] = {"clusters": len(targeted) if wanted else sel["clusters_k"] - len(targeted),
+                                  "documents": sum(r["id"] in ids for r in after),
+                                  "before": _measured([r for r in before if r["id"] in ids]),
+                                  "after": _measured([r for r in after if r["id"] in ids])}
+                out.setdefault(name, {}).setdefault(aim, {})[set_name] = row
+    return out
+
+
+def _fmt_measure(values: dict, metric: str = "M") -> str:
+    return _fmt_interval(values.get(metric), values.get(f"{metric}_low"), values.get(f"{metric}_high"))
+
+
+def analyses(report: dict) -> list[str]:
+    """M along training, and held-out M where selection aimed."""
+    out = []
+    for name, sets in report.get("along_training", {}).items():
+        if any(len(points) > 2 for points in sets.values()):  # more than before and after
+            out.append(f"== {name}: held-out M and F along training ==")
+            for set_name, points in sets.items():
+                for p in points:
+                    out.append(f"   {set_name:<14} step {p['step']:>5}  M {_fmt_measure(p)}  F {_fmt_measure(p, 'F')}"
+                               f"  ({p['documents']} documents)")
+    for name, aims in report.get("targeted_heldout", {}).items():
+        for aim, sets in aims.items():
+            whose = "its own" if aim == name else f"{aim}'s"
+            out.append(f"== {name}: held-out M on the documents nearest {whose} targeted clusters, before -> after ==")
+            for set_name, groups in sets.items():
+                for group, g in groups.items():
+                    out.append(f"   {set_name:<14} {group:<9} ({g['clusters']} clusters, {g['documents']} documents)"
+                               f"  {_fmt_measure(g['before'])} -> {_fmt_measure(g['after'])}")
+    return out
+
+
+def _set_final(m: dict, set_name: str, metric: str) -> str:
+    key = next((k for k in (f"test/{set_name}/{metric}", f"val/{set_name}/{metric}") if k in m), None)
+    return _fmt_interval(*(m.get(key + b) for b in BOUNDS)) if key else _fmt(None)
+
+
 def comparisons(report: dict) -> list[str]:
     """The tables of the comparison runs, for the stages that ran (each value with its 95 % interval)."""
     out = []
@@ -229,16 +323,20 @@ def comparisons(report: dict) -> list[str]:
         for label, one, two in (("CPS (TASU's rules)", "align_cps", "asr_cps"), ("matched CPS + CPS", "align", "asr"),
                                 ("learned simulator + CPS", "align_learned", "asr_learned")):
             out.append(f"   {label:<28} {_final(report, one, 'wer'):>22} {_final(report, two, 'wer'):>22}")
-    for a, b, what in (("distill_nll", "distill", "stage 3: NLL (alpha 0) vs distillation (alpha 1)"),
-                       ("select_uniform", "select", "stage 4: uniform (gamma 0) vs active (gamma 5) selection")):
-        if {a, b} <= set(stages):
-            out.append(f"== {what}, held-out ==")
-            out.append(f"   {'':<26} {a:>22} {b:>22}")
+    for group, what in ((("distill_nll", "distill_half", "distill"), "stage 3: alpha 0 (NLL), 0.5 and 1 (distillation)"),
+                        (("select_uniform", "select"), "stage 4: uniform (gamma 0) vs active (gamma 5) selection")):
+        ran = [name for name in group if name in stages and "state" not in stages[name]]  # finished
+        if len(ran) < 2:
+            continue
+        out.append(f"== {what}, held-out (final) ==")
+        out.append(f"   {'set':<14} {'':<26}" + "".join(f" {name:>22}" for name in ran))
+        set_names = dict.fromkeys(n for name in ran for n in _eval_sets(stages[name]))
+        for set_name in set_names:
             for metric, label in SHOWN.items():
-                if metric == "wer":
-                    continue
-                out.append(f"   {label:<26} {_final(report, a, metric):>22} {_final(report, b, metric):>22}")
-    return out
+                cells = [_set_final(stages[name], set_name, metric) for name in ran]
+                if metric != "wer" and any(c != "-" for c in cells):
+                    out.append(f"   {set_name:<14} {label:<26}" + "".join(f" {c:>22}" for c in cells))
+    return out + analyses(report)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

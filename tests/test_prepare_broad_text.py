@@ -528,6 +528,42 @@ def test_the_spoken_mc_test(cache, tmp_path, tts_voice):
     assert loaded[0].audio.is_file() and outputs(tmp_path / "a") == b
 
 
+def test_the_spoken_broad_heldout_documents(cache, tmp_path, tts_voice):
+    voice = tts_voice("flite:slt").name
+    first = pbt.prepare_broad_text(tmp_path / "a", cache, progress=False, n_spoken=3, heldout_voices=[voice],
+                                   workers=1)
+    assert first["spoken"]["documents"] == 3 and first["spoken"]["voices"] == {voice: 3}
+    assert len(first["spoken"]["sources"]) == 3  # dealt over the sources (four here: three of them)
+    rows_ = rows(tmp_path / "a", "spoken", "dev")
+    dev = {r["id"]: r for r in rows(tmp_path / "a", "docs", "dev")}
+    fortunes_fields = {"id", "audio", "duration", "text", "speaker", "words", "doc", "topic", "n_words"}
+    assert all(set(r) == fortunes_fields | {"source", "n_sentences"} for r in rows_)
+    for r in rows_:
+        doc = dev[r["doc"]]  # a dev document, never train or pool
+        assert doc["text"].startswith(r["text"]) and r["source"] == doc["source"]
+        assert r["n_words"] == len(r["text"].split()) and (r["n_words"] <= pbt.SPOKEN_WORDS or r["n_sentences"] == 1)
+        assert " ".join(w["w"] for w in r["words"]) == r["text"]  # exact chunk spans, in order
+        assert all(a["end"] <= b["start"] + 1e-6 for a, b in zip(r["words"], r["words"][1:]))
+        assert r["words"][-1]["end"] <= r["duration"] + 1e-3
+    loaded = load_manifest(tmp_path / "a" / "spoken" / "dev.jsonl", require_audio=True)
+    assert all(u.speaker == voice and u.audio.is_file() for u in loaded)
+    pbt.prepare_broad_text(tmp_path / "b", cache, progress=False, n_spoken=3, heldout_voices=[voice], workers=1)
+    assert outputs(tmp_path / "a") == outputs(tmp_path / "b")
+    assert pbt.prepare_broad_text(tmp_path / "a", cache, progress=False, n_spoken=3,
+                                  heldout_voices=[voice])["unchanged"]
+    loaded[0].audio.unlink()  # a lost clip is made again
+    assert not pbt.prepare_broad_text(tmp_path / "a", cache, progress=False, n_spoken=3, heldout_voices=[voice],
+                                      workers=1)["unchanged"]
+    assert loaded[0].audio.is_file()
+
+
+def test_spoken_text_keeps_whole_leading_sentences():
+    sentence = lambda n: pbt.Sentence(" ".join(["word"] * (n - 1)) + " end.", "t")  # noqa: E731
+    doc = pbt.Document("wordnet", "k", (sentence(30), sentence(40), sentence(20), sentence(5)))
+    assert pbt.spoken_text(doc, 80) == (" ".join(s.text for s in doc.sentences[:2]), 2)  # 70 words; 90 would pass 80
+    assert pbt.spoken_text(doc, 10) == (doc.sentences[0].text, 1)  # at least the first
+
+
 def test_mc_without_a_voice_says_how_to_do_without(cache, tmp_path, monkeypatch):
     def none(specs, role):
         raise RuntimeError(f"no {role} voice is available (tried {list(specs)})")

@@ -189,3 +189,53 @@ def test_after_summary_by_hand():
                                                  for c in report["clusters"]]}, [0.1, 0.3, 0.1], step=7)
     assert [c["M_after"] for c in updated["clusters"]] == [0.1, 0.3, 0.1] and updated["M_after_step"] == 7
     assert "- others (1 clusters): 0.1000 -> 0.1000 (change +0.0000)" in report_markdown(updated)
+
+
+def test_report_counts_topics_and_sources_per_cluster_and_in_the_selection():
+    from types import SimpleNamespace
+
+    from speechllm.active_selection import selection_report
+
+    assignment = torch.tensor([0, 0, 0, 1, 1])
+    labels = {"topic": ["art", "art", "law", "news", "news"],
+              "source": ["fortunes", "fortunes", "wordnet", "gensim-news", "gensim-news"]}
+    sel = SimpleNamespace(gamma=5.0, budget_unit="texts")
+    report = selection_report(2, torch.tensor([0.6, 0.4]), torch.tensor([0.1, 0.5]), torch.tensor([0.2, 0.8]),
+                              assignment, [2, 3, 4], ["t"] * 5, labels, 3.0, [1.0] * 5, sel)
+    by_cluster = {c["cluster"]: c for c in report["clusters"]}
+    assert by_cluster[0]["sources"] == [{"source": "fortunes", "share": 0.667}, {"source": "wordnet", "share": 0.333}]
+    assert by_cluster[0]["topics"] == [{"topic": "art", "share": 0.667}, {"topic": "law", "share": 0.333}]
+    assert by_cluster[1]["sources"] == [{"source": "gensim-news", "share": 1.0}]
+    assert report["selected_sources"] == {"gensim-news": 2, "wordnet": 1}
+    assert report["selected_topics"] == {"news": 2, "law": 1}
+    assert [c["cluster"] for c in report["clusters"]] == [1, 0]  # by M
+    assert by_cluster[1]["targeted"] and not by_cluster[0]["targeted"]  # 2 of 3 texts vs P_web 0.4
+    text = report_markdown(report)
+    assert "gensim-news 100%" in text and "Selected sources: gensim-news 2, wordnet 1" in text
+
+
+def test_heldout_documents_get_their_nearest_cluster_and_each_evaluation_keeps_its_rows(select_run):
+    from lightning_modules.evaluation import read_eval_rows, summarise
+    from speechllm.manifest import load_manifest
+
+    pipeline, stage = select_run
+    report = json.loads((stage / "selection/report.json").read_text())
+    nearest = json.loads((stage / "selection/heldout_clusters.json").read_text())["sets"]
+    assert set(nearest) == {"heldout"}  # tiny.yaml's select measures
+    docs = load_manifest(_tiny_set(pipeline))
+    assert set(nearest["heldout"]) == {d.id for d in docs}
+    assert set(nearest["heldout"].values()) <= set(range(report["clusters_k"]))
+    # the final validation's rows are kept, and summarising them gives the logged metrics
+    steps = read_eval_rows(stage, "val", "heldout")
+    assert STEPS in steps
+    rows = steps[STEPS]
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert summarise("measure", rows)["M"] == pytest.approx(metrics["val/heldout/M"], rel=1e-5)
+    assert len({r["id"] for r in rows}) == len(rows) and {r["id"] for r in rows} <= set(nearest["heldout"])
+
+
+def _tiny_set(pipeline: Path) -> str:
+    import yaml
+
+    stages = yaml.safe_load(pipeline.read_text())["stages"]
+    return next(s for s in stages if s["name"] == "select")["config"]["measures"]["sets"]["heldout"]
