@@ -24,8 +24,8 @@ import lightning as L
 import torch
 
 from speechllm.distributed import all_gather_objects
-from speechllm.io import atomic_write
 from speechllm.intervals import bootstrap_interval
+from speechllm.io import atomic_write
 from speechllm.measures import misalignment_forgetting, multiple_choice
 from speechllm.metrics import corpus_errors
 from speechllm.sequences import speech_and_text_views

@@ -32,7 +32,6 @@ from pathlib import Path
 from stages.corpus_io import split_sentences, write_if_changed
 from stages.prepare_demo_data import text_key
 
-
 log = logging.getLogger(__name__)
 
 MIN_WORDS = 4  # the shortest sentence the leak check compares (broad-text's sentences have 4-30 words)

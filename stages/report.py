@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lightning_modules.evaluation import read_eval_rows, summarise
 from speechllm.encoders import encoder_kind
 from speechllm.manifest import load_audio, load_manifest, normalize_target
 from speechllm.metrics import corpus_errors
 from speechllm.model import SpeechLLM
-from lightning_modules.evaluation import read_eval_rows, summarise
 from speechllm.whisper_decoder import WhisperTranscriber, has_whisper_decoder
 from stages.runner import resolve_stage_configs
 
