@@ -32,6 +32,7 @@ REQUIRED = {
     "prepare word-times": ["--pipeline", "p.yaml", "--manifest", "x.jsonl", "--out", "y.jsonl"],
     "prepare real-speech": ["--out", "o"],
     "prepare broad-text": ["--out", "o"],
+    "prepare mixture": ["--out", "o.jsonl", "a=x.jsonl"],
     "prepare simulator": ["--pipeline", "p.yaml", "--manifest", "x.jsonl", "--heldout", "y.jsonl"],
     "prepare librispeech": ["--root", "r", "--out", "o"],
     "prepare common-voice": ["--root", "r", "--out", "o"],
