@@ -84,8 +84,12 @@ def cluster_pool(texts: list[str], cfg, out: Path, pool_key: dict) -> dict:
 
 
 def _file_key(path: str) -> dict:
-    stat = Path(path).stat() if Path(path).is_file() else None
-    return {"path": str(Path(path).resolve()), "size": stat and stat.st_size, "mtime": stat and stat.st_mtime_ns}
+    """What a cached step keyed by a manifest depends on: its path, size and modification time (a source
+    string that is not a file: its text alone)."""
+    if not Path(path).is_file():
+        return {"path": path}
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
 
 
 def heldout_clusters(cfg, out: Path, clusters: dict) -> dict[str, dict[str, int]]:
@@ -152,8 +156,7 @@ def load_pool(cfg) -> tuple[list[str], list[str], dict[str, list[str]], dict]:
     key its cached steps depend on."""
     sel = cfg.selection
     pool = load_manifest(sel.pool)
-    stat = Path(sel.pool).stat()
-    pool_key = {"path": str(Path(sel.pool).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+    pool_key = _file_key(sel.pool)
     labels = {name: [str(u.meta.get(name, "")) for u in pool] for name in LABELS}
     return [u.id for u in pool], [u.text for u in pool], labels, pool_key
 

@@ -207,20 +207,20 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _final_key(m: dict, metric: str) -> str | None:
-    """The key of a stage's final ``metric``: on its test set where it has one, else on validation."""
+def _final_key(m: dict, metric: str, set_name: str | None = None) -> str | None:
+    """The key of a stage's final ``metric`` (on ``set_name``, or its first set): on a test set where it
+    has one, else on validation."""
     for split in ("test", "val"):
         for key in m:
             parts = key.split("/")
-            if len(parts) == 3 and parts[0] == split and parts[2] == metric:
+            if len(parts) == 3 and parts[0] == split and parts[2] == metric and set_name in (None, parts[1]):
                 return key
     return None
 
 
-def _final(report: dict, stage: str, metric: str) -> str:
+def _final(m: dict, metric: str, set_name: str | None = None) -> str:
     """A stage's final ``metric`` with its interval, formatted (``-`` where it has none)."""
-    m = report["stages"].get(stage, {})
-    key = _final_key(m, metric)
+    key = _final_key(m, metric, set_name)
     return _fmt_interval(*(m.get(key + b) for b in BOUNDS)) if key else _fmt(None)
 
 
@@ -259,12 +259,13 @@ def targeted_heldout(stages: list, selections: dict[str, dict]) -> dict:
             continue
         nearest = json.loads(clusters_file.read_text())["sets"]
         before_root = Path(cfg.init_from).parent
+        rows = {set_name: (_final_rows(before_root, set_name), _final_rows(root, set_name)) for set_name in nearest}
         for aim, aim_sel in selections.items():
             if aim_sel.get("clusters_k") != sel.get("clusters_k"):
                 continue
             targeted = {c["cluster"] for c in aim_sel["clusters"] if c.get("targeted")}
             for set_name, doc_cluster in nearest.items():
-                before, after = _final_rows(before_root, set_name), _final_rows(root, set_name)
+                before, after = rows[set_name]
                 if not after:
                     continue
                 row = {}
@@ -303,26 +304,21 @@ def analyses(report: dict) -> list[str]:
     return out
 
 
-def _set_final(m: dict, set_name: str, metric: str) -> str:
-    key = next((k for k in (f"test/{set_name}/{metric}", f"val/{set_name}/{metric}") if k in m), None)
-    return _fmt_interval(*(m.get(key + b) for b in BOUNDS)) if key else _fmt(None)
-
-
 def comparisons(report: dict) -> list[str]:
     """The tables of the comparison runs, for the stages that ran (each value with its 95 % interval)."""
     out = []
     stages = report["stages"]
     if {"asr", "asr_scratch"} <= set(stages):
         out += ["== stage 2: WER on held-out voices (test set) at the same real-speech budget and steps ==",
-                f"   (a) stage 1 only, zero-shot          {_final(report, 'align', 'wer')}",
-                f"   (b) stage 2 from a fresh projector   {_final(report, 'asr_scratch', 'wer')}",
-                f"   (c) stage 1 -> stage 2 (curriculum)  {_final(report, 'asr', 'wer')}"]
+                f"   (a) stage 1 only, zero-shot          {_final(stages.get('align', {}), 'wer')}",
+                f"   (b) stage 2 from a fresh projector   {_final(stages.get('asr_scratch', {}), 'wer')}",
+                f"   (c) stage 1 -> stage 2 (curriculum)  {_final(stages.get('asr', {}), 'wer')}"]
     if {"align_cps", "align_learned"} <= set(stages):
         out.append("== stages 1 and 2 by text side: WER on held-out voices (test set), same data and steps ==")
         out.append(f"   {'text side':<28} {'stage 1 zero-shot':>22} {'stage 2':>22}")
         for label, one, two in (("CPS (TASU's rules)", "align_cps", "asr_cps"), ("matched CPS + CPS", "align", "asr"),
                                 ("learned simulator + CPS", "align_learned", "asr_learned")):
-            out.append(f"   {label:<28} {_final(report, one, 'wer'):>22} {_final(report, two, 'wer'):>22}")
+            out.append(f"   {label:<28} {_final(stages.get(one, {}), 'wer'):>22} {_final(stages.get(two, {}), 'wer'):>22}")
     for group, what in ((("distill_nll", "distill_half", "distill"), "stage 3: alpha 0 (NLL), 0.5 and 1 (distillation)"),
                         (("select_uniform", "select"), "stage 4: uniform (gamma 0) vs active (gamma 5) selection")):
         ran = [name for name in group if name in stages and "state" not in stages[name]]  # finished
@@ -333,7 +329,7 @@ def comparisons(report: dict) -> list[str]:
         set_names = dict.fromkeys(n for name in ran for n in _eval_sets(stages[name]))
         for set_name in set_names:
             for metric, label in SHOWN.items():
-                cells = [_set_final(stages[name], set_name, metric) for name in ran]
+                cells = [_final(stages[name], metric, set_name) for name in ran]
                 if metric != "wer" and any(c != "-" for c in cells):
                     out.append(f"   {set_name:<14} {label:<26}" + "".join(f" {c:>22}" for c in cells))
     return out + analyses(report)
