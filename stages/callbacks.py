@@ -1,4 +1,5 @@
-"""Lightning callbacks of every stage: step timing, and TensorBoard curves that survive a SIGKILL."""
+"""Lightning callbacks of every stage: step timing, the last validation's metrics, and TensorBoard curves
+that survive a SIGKILL."""
 
 from __future__ import annotations
 
@@ -24,6 +25,22 @@ class StepTimer(L.Callback):
     @property
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None
+
+
+class LastValidation(L.Callback):
+    """The step and ``val/`` metrics of the last validation inside ``fit`` in this process.
+
+    When that validation ran at the final step, the runner takes its metrics instead of validating the
+    same weights again (at the demo scale, half a minute per stage)."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.step = trainer.global_step
+            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
 class StepLogsSurviveKill(L.Callback):

@@ -26,7 +26,7 @@ from speechllm.config import (
     stage_layers,
 )
 from speechllm.io import atomic_write
-from stages.callbacks import StepTimer
+from stages.callbacks import LastValidation, StepTimer
 from stages.stage_dir import StageDir, config_diff
 from stages.tensorboard import loss_curve
 from stages.trainer import build_trainer, is_rank_zero
@@ -87,7 +87,10 @@ def run_stage(cfg: StageConfig, stage_dir: StageDir) -> dict[str, Any]:
             atomic_write(stage_dir.initial_metrics, json.dumps(initial, indent=1))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     train_loss = trainer.callback_metrics.get("train/loss")
-    final = evaluate(trainer, module, datamodule, cfg)
+    # A validation at the final step inside fit already measured these weights: its metrics stand.
+    last = next(c for c in trainer.callbacks if isinstance(c, LastValidation))
+    validated = last.step == trainer.global_step and bool(last.metrics)
+    final = {**(last.metrics if validated else {}), **evaluate(trainer, module, datamodule, cfg, validation=not validated)}
 
     initial = json.loads(stage_dir.initial_metrics.read_text()) if stage_dir.initial_metrics.is_file() else {}
     metrics = {

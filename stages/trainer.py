@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from speechllm.config import StageConfig
 from speechllm.sharding import gathered_trainable
-from stages.callbacks import StepLogsSurviveKill, StepTimer
+from stages.callbacks import LastValidation, StepLogsSurviveKill, StepTimer
 from stages.checkpoint_io import AtomicCheckpointIO
 
 
@@ -100,7 +100,8 @@ def build_trainer(cfg: StageConfig, root: Path, progress: Path) -> L.Trainer:
         logger=TensorBoardLogger(str(root), name="tb", version=""),
         # The bar moves when the logged loss does: redrawn every step (Rich's default, with its own
         # thread), it cost 3 % of a 0.1 s CPU step (`bench overhead`).
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepTimer(), StepLogsSurviveKill(),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), StepTimer(), LastValidation(),
+                   StepLogsSurviveKill(),
                    TQDMProgressBar(refresh_rate=t.log_every_n_steps)],
         plugins=[AtomicCheckpointIO(progress, t.max_steps)], default_root_dir=str(root), enable_model_summary=False,
     )

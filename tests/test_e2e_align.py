@@ -38,6 +38,15 @@ stages:
     return path
 
 
+def scalar_events(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """Every logged event of a scalar, repeats included (``scalar_series`` keeps one per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags().get("scalars", []) else []
+
+
 def command(pipeline: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "stages", "run", str(pipeline), "--run-dir", str(run_dir)]
 
@@ -84,6 +93,12 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, tiny_data):
     uninterrupted = scalar_series(tmp_path / "clean" / "e2e" / "align" / "tb")
     for step in range(MAX_STEPS):
         assert abs(resumed[step] - uninterrupted[step]) <= 1e-6, (step, resumed[step], uninterrupted[step])
+    # Validated before training and at steps 30 and 60 inside fit (logged at the steps just done); the
+    # final metrics are step 60's, not those of a second validation of the same weights.
+    validations = scalar_events(tmp_path / "clean" / "e2e" / "align" / "tb", "val/noise/wer")
+    assert [step for step, _ in validations] == [0, 29, 59], validations
+    clean_metrics = json.loads((tmp_path / "clean" / "e2e" / "align" / "metrics.json").read_text())
+    assert clean_metrics["val/noise/wer"] == pytest.approx(validations[-1][1])
 
     # A third run finds the stage DONE and skips it.
     again = subprocess.run(command(pipeline, killed_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
