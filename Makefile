@@ -39,6 +39,7 @@ help:
 	@echo "make test         set up, install the demo assets, run every test (slow ones included)"
 	@echo "make test-fast    only the fast tests on tiny random models"
 	@echo "make demo         the whole embedded-default pipeline (assets, data, CTC head, stages 1-4, report)"
+	@echo "make simulator    the learned posterior simulator (make demo trains it where a stage reads it)"
 	@echo "make stage1       stage 1 (align) of PIPELINE=$(PIPELINE); stage2 (asr), stage3 (distill), stage4 (select)"
 	@echo "                  SCALE=full, DEVICES=2, NODES=2, ARGS='key=value ...' apply to each"
 	@echo "make faults       fault injection on the tiny pipeline: what happened, data lost"
