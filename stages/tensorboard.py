@@ -6,16 +6,22 @@ import math
 from pathlib import Path
 
 
-def scalar_series(path: Path, tag: str = "train/loss") -> dict[int, float]:
-    """A logged scalar by step, from a TensorBoard directory or one event file ({} if never logged).
-    A resumed run re-logs steps; TensorBoard keeps the later value."""
+def scalar_events(path: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """Every logged ``(step, value)`` of a scalar, in the order written, repeats included ([] if never
+    logged), from a TensorBoard directory or one event file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
     acc.Reload()
     if tag not in acc.Tags().get("scalars", []):
-        return {}
-    return {e.step: e.value for e in acc.Scalars(tag)}
+        return []
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def scalar_series(path: Path, tag: str = "train/loss") -> dict[int, float]:
+    """A logged scalar by step ({} if never logged). A resumed run re-logs steps; TensorBoard keeps the
+    later value, and so does this."""
+    return dict(scalar_events(path, tag))
 
 
 def loss_curve(tb_dir: Path, tag: str = "train/loss", points: int = 11) -> dict[str, float]:

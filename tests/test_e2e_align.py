@@ -13,7 +13,7 @@ import pytest
 import torch
 from hand_reference import sharpen, word_edits
 
-from stages.tensorboard import scalar_series
+from stages.tensorboard import scalar_events, scalar_series
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 60
@@ -36,15 +36,6 @@ stages:
       optim: {{lr: 1.0e-3, warmup_steps: 5}}
 """)
     return path
-
-
-def scalar_events(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """Every logged event of a scalar, repeats included (``scalar_series`` keeps one per step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags().get("scalars", []) else []
 
 
 def command(pipeline: Path, run_dir: Path) -> list[str]:
